@@ -17,6 +17,8 @@ Public API (stable; the converters of all four datasets import it):
 - ``resolve_split(...)`` -> ``SplitAssignment``: labeled / unlabeled / test IDs from a published (or user) list.
 - ``DatasetWriter``: context manager that writes into a temporary folder and moves it into place at the end.
 - ``write_nifti(...)``: numpy array + spacing -> NIfTI through SimpleITK.
+- ``output_paths(...)``: where a case of a given role (labeled / unlabeled / test) goes.
+- ``read_h5(...)``, ``check_same_geometry(...)``, ``check_label_values(...)``: input checks with good messages.
 - ``write_dataset_json(...)``, ``write_split_manifest(...)``.
 - ``parallel_map(...)``: multiprocessing map with a tqdm progress bar honouring ``-np``.
 - ``run_main(...)``: shared ``main`` wrapper (prints ConversionError messages without a traceback).
@@ -49,6 +51,11 @@ MANIFEST_NAME = "semiseg_split.json"
 IMAGES_TR, LABELS_TR = "imagesTr", "labelsTr"
 IMAGES_UNLABELED = "imagesUnlabeled"
 IMAGES_TS, LABELS_TS = "imagesTs", "labelsTs"
+
+# Roles of a case in the output. Unlabeled cases get no label file anywhere in the output.
+ROLE_LABELED, ROLE_UNLABELED, ROLE_TEST = "labeled", "unlabeled", "test"
+_ROLE_FOLDERS = {ROLE_LABELED: (IMAGES_TR, LABELS_TR), ROLE_UNLABELED: (IMAGES_UNLABELED, None),
+                 ROLE_TEST: (IMAGES_TS, LABELS_TS)}
 
 
 class ConversionError(Exception):
@@ -312,6 +319,63 @@ class DatasetWriter:
             raise
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
+
+
+def output_paths(dataset_folder: Path | str, role: str, case_id: str, channel: int = 0
+                 ) -> tuple[Path, Path | None]:
+    """(image path, label path or None) of a case in the raw layout; label is None for unlabeled cases."""
+    image_dir, label_dir = _ROLE_FOLDERS[role]
+    folder = Path(dataset_folder)
+    image = folder / image_dir / f"{case_id}_{channel:04d}{FILE_ENDING}"
+    label = folder / label_dir / f"{case_id}{FILE_ENDING}" if label_dir else None
+    return image, label
+
+
+def read_h5(path: Path | str, required_keys: Sequence[str], case_id: str,
+            release: str = "the expected h5 release") -> dict:
+    """Read datasets ``required_keys`` from an h5 file; missing/unreadable file or wrong keys -> ConversionError."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"Case {case_id}: file {path} is missing; re-download it from {release}.")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+            missing = [k for k in required_keys if k not in f]
+            if missing:
+                raise ConversionError(
+                    f"Case {case_id}: {path} has keys {keys}, expected {list(required_keys)} (missing "
+                    f"{missing}). Is this file from {release}? Re-download it or pick the right --format.")
+            return {k: np.asarray(f[k][()]) for k in required_keys}
+    except OSError as e:
+        raise ConversionError(f"Case {case_id}: cannot read {path} as HDF5 ({e}); the file is corrupt or "
+                              f"truncated, re-download it.") from None
+
+
+def check_same_geometry(case_id: str, image_file, label_file, image_shape, label_shape,
+                        image_spacing=None, label_spacing=None, rtol: float = 1e-3) -> None:
+    """Image and label must share shape (and spacing when known): nnU-Net refuses mismatches later anyway,
+    with a far less helpful message."""
+    if tuple(image_shape) != tuple(label_shape):
+        raise ConversionError(f"Case {case_id}: image {image_file} has shape {tuple(image_shape)} but label "
+                              f"{label_file} has shape {tuple(label_shape)}; they must match voxel for voxel. "
+                              f"Re-export the pair or exclude the case from the lists.")
+    if image_spacing is not None and label_spacing is not None:
+        if not np.allclose(image_spacing, label_spacing, rtol=rtol, atol=1e-5):
+            raise ConversionError(f"Case {case_id}: image {image_file} has spacing {tuple(image_spacing)} but "
+                                  f"label {label_file} has spacing {tuple(label_spacing)}; fix the header of one "
+                                  f"of them or exclude the case from the lists.")
+
+
+def check_label_values(case_id: str, label_file, label: np.ndarray, allowed: Iterable[int]) -> list[int]:
+    """Return the sorted label values; values outside ``allowed`` -> ConversionError."""
+    values = [int(v) for v in np.unique(label)]
+    bad = sorted(set(values) - set(int(a) for a in allowed))
+    if bad:
+        raise ConversionError(f"Case {case_id}: label {label_file} contains values {bad}, expected only "
+                              f"{sorted(allowed)}; the file is not a label map of this dataset.")
+    return values
 
 
 def write_nifti(array_zyx: np.ndarray, path: Path | str, spacing_xyz: Sequence[float],
