@@ -471,3 +471,17 @@ def run_main(convert: Callable[[argparse.Namespace], Path], parser: argparse.Arg
         return 2
     print(f"Wrote {target}")
     return 0
+
+
+def check_labeled_in_train(labeled_ids: Sequence[str], labeled_source: str, train_ids: Sequence[str],
+                           train_source: str, test_ids: Sequence[str] = (), unit: str = "case") -> None:
+    """Reject a labeled-list entry that is not in the training list, BEFORE presence checks: the user then hears
+    about the wrong list entry rather than about unrelated cases missing from a partial download.
+    (Added for the BraTS2020 / Pancreas converters; resolve_split repeats the check after presence filtering.)"""
+    train_set, test_set = set(train_ids), set(test_ids)
+    for i in labeled_ids:
+        if i not in train_set:
+            where = " (it is in the test list)" if i in test_set else ""
+            raise ConversionError(f"Unknown {unit} ID {i!r} in the labeled list {labeled_source}: it is not in the "
+                                  f"training list {train_source}{where}. Fix the labeled list or pass a matching "
+                                  f"--train-list.")
