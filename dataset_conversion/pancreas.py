@@ -25,9 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
-    IMAGES_TR, IMAGES_TS, IMAGES_UNLABELED, LABELS_TR, LABELS_TS, ConversionError, DatasetWriter, build_parser,
-    check_labeled_in_train, dataset_folder_name, load_packaged_list, parallel_map, read_id_list,
-    resolve_output_root, resolve_split, run_main, write_dataset_json, write_nifti, write_split_manifest)
+    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_label_values,
+    check_labeled_in_train, dataset_folder_name, load_packaged_list, output_paths, parallel_map, read_h5,
+    read_id_list, resolve_output_root, resolve_split, run_main, write_dataset_json, write_nifti,
+    write_split_manifest)
 
 NUM_IDS = 82  # TCIA numbering 0001..0082 (v2 of the collection withdrew 0025 and 0070)
 # TCIA v2 withdrew these because they are the same scan as PANCREAS_0002: they must not sit on the other side of
@@ -150,31 +151,16 @@ def detect_format(root: Path) -> str:
 # per-case conversion (module level: runs in worker processes)
 # ----------------------------------------------------------------------------------------------------------------
 def _binary_label(label: np.ndarray, case_id: str, source: str) -> np.ndarray:
-    values = np.unique(label)
-    if not np.all(np.isin(values, (0, 1))):
-        raise ConversionError(f'case {case_id}: label {source} has values {values[:10].tolist()}, expected only '
-                              f'0 (background) and 1 (pancreas). Check the file (wrong release?).')
+    check_label_values(case_id, source, label, (0, 1))
     return label.astype(np.uint8)
 
 
 def read_h5_case(path: Path, case_id: str, need_label: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """(image, label) in SimpleITK order (z, y, x). The releases store (x, y, z)."""
-    import h5py
-
-    try:
-        f = h5py.File(path, 'r')
-    except OSError as e:
-        raise ConversionError(f'case {case_id}: cannot open {path} as h5 ({e}). Re-download the file.') from e
-    with f:
-        keys = sorted(f.keys())
-        wanted = ('image', 'label') if need_label else ('image',)
-        missing = [k for k in wanted if k not in f]
-        if missing:
-            raise ConversionError(f'case {case_id}: {path} has keys {keys} but needs {list(wanted)} (missing '
-                                  f'{missing}). This is not one of the supported releases (CoraNet, MC-Net+, MCF) '
-                                  f'or the file is damaged; re-download it.')
-        image = np.asarray(f['image'])
-        label = np.asarray(f['label']) if need_label else None
+    """(image, label) in SimpleITK order (z, y, x). The releases store (x, y, z). Unlabeled cases: label None
+    (their label, if the release has one, is not even read)."""
+    keys = ('image', 'label') if need_label else ('image',)
+    data = read_h5(path, keys, case_id, release='a Pancreas-CT h5 release (CoraNet, MC-Net+, MCF)')
+    image, label = data['image'], data.get('label')
     if image.ndim != 3:
         raise ConversionError(f'case {case_id}: image in {path} has shape {image.shape}, expected a 3D volume.')
     if label is not None:
@@ -205,9 +191,8 @@ def read_dicom_case(case_folder: Path, label_file: Optional[Path], case_id: str,
 def convert_case(job: dict) -> dict:
     """Convert one case into the writer's temporary folder. job: see _make_jobs."""
     case_id, role, out = job['case_id'], job['role'], Path(job['out'])
-    need_label = role in ('labeled', 'test')
-    image_dir = {'labeled': IMAGES_TR, 'unlabeled': IMAGES_UNLABELED, 'test': IMAGES_TS}[role]
-    label_dir = {'labeled': LABELS_TR, 'test': LABELS_TS}.get(role)
+    need_label = role != ROLE_UNLABELED
+    image_path, label_path = output_paths(out, role, case_id)
     note = ''
     if job['format'] == 'h5':
         image, label = read_h5_case(Path(job['h5']), case_id, need_label)
@@ -221,9 +206,9 @@ def convert_case(job: dict) -> dict:
         image = np.round(image).astype(np.int16) if np.issubdtype(image.dtype, np.floating) else image.astype(np.int16)
         label = _binary_label(sitk.GetArrayFromImage(lab), case_id, job['label']) if lab is not None else None
         spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-    write_nifti(image, out / image_dir / f'{case_id}_0000.nii.gz', spacing, origin, direction)
+    write_nifti(image, image_path, spacing, origin, direction)
     if label is not None:
-        write_nifti(label, out / label_dir / f'{case_id}.nii.gz', spacing, origin, direction)
+        write_nifti(label, label_path, spacing, origin, direction)
     return {'case_id': case_id, 'shape_zyx': list(image.shape), 'spacing_xyz': [float(s) for s in spacing],
             'note': note, 'image_max': float(image.max())}
 
@@ -336,8 +321,8 @@ def convert(args) -> Path:
 
     with DatasetWriter(output_root, folder_name, args.overwrite) as writer:
         jobs = []
-        for role, ids in (('labeled', assignment.labeled), ('unlabeled', assignment.unlabeled),
-                          ('test', assignment.test)):
+        for role, ids in ((ROLE_LABELED, assignment.labeled), (ROLE_UNLABELED, assignment.unlabeled),
+                          (ROLE_TEST, assignment.test)):
             for cid in ids:
                 job = {'case_id': cid, 'role': role, 'out': str(writer.tmp), 'format': fmt,
                        'label_geometry': args.label_geometry}
@@ -345,7 +330,7 @@ def convert(args) -> Path:
                     job['h5'] = str(sources[cid])
                 else:
                     job['dicom'] = str(sources[cid])
-                    job['label'] = str(labels[cid]) if role != 'unlabeled' else None
+                    job['label'] = str(labels[cid]) if role != ROLE_UNLABELED else None
                 jobs.append(job)
         results = parallel_map(convert_case, jobs, args.num_processes, desc='Pancreas-CT')
         notes = {r['case_id']: r['note'] for r in results if r['note']}

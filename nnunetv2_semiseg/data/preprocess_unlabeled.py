@@ -1,0 +1,261 @@
+"""``nnUNetv2_semiseg_preprocess_unlabeled``: preprocess ``imagesUnlabeled/`` with a dataset's existing plans.
+
+Unlabeled images go through exactly the path the predictor uses for test images
+(``DefaultPreprocessor.run_case`` with no segmentation: transpose, crop to nonzero, normalise with the plans'
+statistics, resample). They are written to a sibling of the labeled folder,
+``<nnUNet_preprocessed>/DatasetXXX/<data_identifier>_unlabeled/``, so they never enter fingerprinting, planning,
+``class_locations``, the cross-validation split or validation, and survive a re-run of nnU-Net's preprocessing
+(which deletes ``<data_identifier>/``).
+
+Safety: every case is written into a temporary folder first; only when all cases succeeded is the old folder
+(if any) swapped out for the new one. A record (``semiseg_unlabeled.json``) stores which plans produced the
+folder; a later run with plans whose preprocessing differs refuses to overwrite it unless asked to.
+"""
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from typing import Dict, List, Optional, Sequence
+
+from tqdm import tqdm
+
+RECORD_FILENAME = 'semiseg_unlabeled.json'
+UNLABELED_RAW_FOLDER = 'imagesUnlabeled'
+
+
+class UnlabeledPreprocessingError(RuntimeError):
+    """Bad input for unlabeled preprocessing. The message names the file or case and the fix."""
+
+
+def unlabeled_folder_name(data_identifier: str) -> str:
+    return data_identifier + '_unlabeled'
+
+
+def unlabeled_preprocessed_folder(dataset_name: str, data_identifier: str) -> str:
+    from nnunetv2.paths import nnUNet_preprocessed
+    return os.path.join(nnUNet_preprocessed, dataset_name, unlabeled_folder_name(data_identifier))
+
+
+def preprocessing_fingerprint(plans: dict, configuration: str) -> str:
+    """Hash of everything in the plans that changes the preprocessed arrays of a configuration.
+
+    Architecture and batch size are left out on purpose: plans that only differ there (e.g. nnU-Net's ResEnc
+    presets, which share the data_identifier) produce identical preprocessed data and may share the folder.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    cm = PlansManager(plans).get_configuration(configuration)
+    relevant = {
+        'data_identifier': cm.data_identifier,
+        'preprocessor_name': cm.preprocessor_name,
+        'spacing': list(map(float, cm.spacing)),
+        'normalization_schemes': list(cm.normalization_schemes),
+        'use_mask_for_norm': list(map(bool, cm.use_mask_for_norm)),
+        'resampling_fn_data': cm.configuration.get('resampling_fn_data'),
+        'resampling_fn_data_kwargs': cm.configuration.get('resampling_fn_data_kwargs'),
+        'transpose_forward': list(plans.get('transpose_forward', [])),
+        'foreground_intensity_properties_per_channel': plans.get('foreground_intensity_properties_per_channel'),
+        'image_reader_writer': plans.get('image_reader_writer'),
+    }
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    """Group ``imagesUnlabeled/`` files into cases, checking file ending and channel suffixes like ``imagesTr``."""
+    folder = os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)
+    if not os.path.isdir(folder):
+        raise UnlabeledPreprocessingError(
+            f"Unlabeled image folder {folder} does not exist. Put the unlabeled images there, named like imagesTr "
+            f"(CASE_0000{dataset_json['file_ending']}, one file per channel).")
+    file_ending = dataset_json['file_ending']
+    num_channels = len(dataset_json.get('channel_names', dataset_json.get('modality', {})))
+    pattern = re.compile(r'(.+)_(\d{4})' + re.escape(file_ending) + r'$')
+    cases: Dict[str, Dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith('.') or os.path.isdir(path):
+            continue
+        if not name.endswith(file_ending):
+            raise UnlabeledPreprocessingError(
+                f"{path}: file ending does not match the dataset's file_ending '{file_ending}' (dataset.json). "
+                f"Convert it to {file_ending} or remove it from {UNLABELED_RAW_FOLDER}/.")
+        match = pattern.match(name)
+        if match is None:
+            raise UnlabeledPreprocessingError(
+                f"{path}: name lacks the 4-digit channel suffix. Rename it to CASE_0000{file_ending} "
+                f"(same naming as imagesTr).")
+        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+    if not cases:
+        raise UnlabeledPreprocessingError(
+            f"Unlabeled image folder {folder} is empty. Add the unlabeled images (CASE_0000{file_ending}).")
+    result = {}
+    for case_id, channels in cases.items():
+        if sorted(channels) != list(range(num_channels)):
+            found = ', '.join(f'_{c:04d}' for c in sorted(channels))
+            raise UnlabeledPreprocessingError(
+                f"Unlabeled case '{case_id}' in {folder} has channels [{found}] but dataset.json declares "
+                f"{num_channels} channel(s) (_0000 .. _{num_channels - 1:04d}). Provide exactly one file per channel.")
+        result[case_id] = [channels[c] for c in range(num_channels)]
+    return result
+
+
+def labeled_case_ids(raw_dataset_folder: str, dataset_json: dict) -> set:
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    return set(get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json).keys())
+
+
+def _preprocess_one(args) -> str:
+    """Worker: preprocess one case into the temporary folder. Returns the case id."""
+    case_id, image_files, out_folder, plans, configuration, dataset_json = args
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    preprocessor = cm.preprocessor_class(verbose=False)
+    # Read first on our own so that an unreadable or inconsistent file is reported by name.
+    try:
+        pm.image_reader_writer_class().read_images(image_files)
+    except Exception as e:  # reader errors come in many types (RuntimeError, AssertionError, OSError...)
+        raise UnlabeledPreprocessingError(
+            f"Unlabeled case '{case_id}': could not read {image_files}: {type(e).__name__}: {e}. Check that the "
+            f"files are valid images and that all channels of the case share shape, spacing and orientation.") from e
+    truncated = os.path.join(out_folder, case_id)
+    preprocessor.run_case_save(truncated, image_files, None, pm, cm, dataset_json)
+    # nnUNetDataLoader reads class_locations for every sample, even when it is not used.
+    properties = load_pickle(truncated + '.pkl')
+    properties.setdefault('class_locations', {})
+    write_pickle(properties, truncated + '.pkl')
+    return case_id
+
+
+def read_record(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, RECORD_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str = 'nnUNetPlans',
+                         num_processes: int = 1, overwrite_other_plans: bool = False, verbose: bool = True) -> str:
+    """Preprocess ``imagesUnlabeled/`` of one dataset for one configuration. Returns the output folder."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_raw or not nnUNet_preprocessed:
+        raise UnlabeledPreprocessingError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s '
+                                          'documentation on setting up paths).')
+    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    preprocessed_base = os.path.join(nnUNet_preprocessed, dataset_name)
+    plans_file = os.path.join(preprocessed_base, plans_name + '.json')
+    if not os.path.isfile(plans_file):
+        raise UnlabeledPreprocessingError(
+            f"Plans file {plans_file} not found. Run planning first: nnUNetv2_plan_and_preprocess -d "
+            f"{dataset_name_or_id} (or nnUNetv2_plan_experiment with -overwrite_plans_name {plans_name}).")
+    plans = load_json(plans_file)
+    if configuration not in plans['configurations']:
+        raise UnlabeledPreprocessingError(
+            f"Configuration '{configuration}' is not in {plans_file} (available: "
+            f"{', '.join(plans['configurations'])}).")
+    dataset_json_file = os.path.join(preprocessed_base, 'dataset.json')
+    if not os.path.isfile(dataset_json_file):
+        raise UnlabeledPreprocessingError(f"{dataset_json_file} not found. Run nnUNetv2_plan_and_preprocess -d "
+                                          f"{dataset_name_or_id} first.")
+    dataset_json = load_json(dataset_json_file)
+    raw_folder = os.path.join(nnUNet_raw, dataset_name)
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    out_folder = os.path.join(preprocessed_base, unlabeled_folder_name(data_identifier))
+    fingerprint = preprocessing_fingerprint(plans, configuration)
+
+    existing = read_record(out_folder) if os.path.isdir(out_folder) else None
+    if os.path.isdir(out_folder) and not overwrite_other_plans:
+        if existing is None or existing.get('preprocessing_fingerprint') != fingerprint:
+            made_with = (f"plans '{existing.get('plans_name')}', configuration '{existing.get('configuration')}'"
+                         if existing else 'unknown plans (no record file)')
+            raise UnlabeledPreprocessingError(
+                f"{out_folder} already exists and was made with {made_with}, whose preprocessing differs from "
+                f"plans '{plans_name}', configuration '{configuration}'. Delete that folder, or pass "
+                f"--overwrite to replace it (models trained on it will then see differently preprocessed data).")
+
+    cases = find_unlabeled_cases(raw_folder, dataset_json)
+    clashes = sorted(set(cases) & labeled_case_ids(raw_folder, dataset_json))
+    if clashes:
+        raise UnlabeledPreprocessingError(
+            f"Unlabeled case ID(s) {clashes} in {os.path.join(raw_folder, UNLABELED_RAW_FOLDER)} equal labeled case "
+            f"IDs in imagesTr. Rename the unlabeled files (or remove labeled cases from {UNLABELED_RAW_FOLDER}/): "
+            f"the same ID in both would let a labeled case be used as unlabeled.")
+
+    tmp_folder = out_folder + f'.tmp_{uuid.uuid4().hex[:8]}'
+    os.makedirs(tmp_folder)
+    try:
+        jobs = [(cid, files, tmp_folder, plans, configuration, dataset_json) for cid, files in cases.items()]
+        progress = dict(desc=f'Unlabeled {dataset_name} {configuration}', total=len(jobs), disable=not verbose)
+        if num_processes <= 1:
+            for job in tqdm(jobs, **progress):
+                _preprocess_one(job)
+        else:
+            with multiprocessing.get_context('spawn').Pool(num_processes) as pool:
+                for _ in tqdm(pool.imap_unordered(_preprocess_one, jobs), **progress):
+                    pass
+        import nnunetv2
+        record = {'dataset': dataset_name, 'plans_name': plans_name, 'configuration': configuration,
+                  'data_identifier': data_identifier, 'preprocessing_fingerprint': fingerprint,
+                  'plans_file': plans_file, 'case_ids': sorted(cases),
+                  'nnunetv2_version': getattr(nnunetv2, '__version__', 'unknown'),
+                  'created': time.strftime('%Y-%m-%d %H:%M:%S')}
+        with open(os.path.join(tmp_folder, RECORD_FILENAME), 'w') as f:
+            json.dump(record, f, indent=2)
+        # Swap: the old folder stays intact until the new one is complete.
+        if os.path.isdir(out_folder):
+            old = out_folder + f'.old_{uuid.uuid4().hex[:8]}'
+            os.replace(out_folder, old)
+            os.replace(tmp_folder, out_folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_folder, out_folder)
+    except BaseException:
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+        raise
+    if verbose:
+        print(f'Wrote {len(cases)} unlabeled case(s) to {out_folder}')
+    return out_folder
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from nnunetv2.configuration import default_num_processes
+    parser = argparse.ArgumentParser(
+        prog='nnUNetv2_semiseg_preprocess_unlabeled',
+        description='Preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset\'s existing plans into '
+                    'nnUNet_preprocessed/DatasetXXX/<data_identifier>_unlabeled (needed by the semi-supervised '
+                    'trainers). Run nnUNetv2_plan_and_preprocess first.')
+    parser.add_argument('-d', nargs='+', required=True, help='Dataset name(s) or ID(s)')
+    parser.add_argument('-c', nargs='+', default=['3d_fullres'],
+                        help='Configuration(s), e.g. 2d 3d_fullres. Default: 3d_fullres')
+    parser.add_argument('-plans_name', default='nnUNetPlans', help='Plans identifier. Default: nnUNetPlans')
+    parser.add_argument('-np', type=int, default=None,
+                        help=f'Number of processes. Default: nnUNet_def_n_proc ({default_num_processes})')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='Replace an existing unlabeled folder made with plans whose preprocessing differs')
+    parser.add_argument('--verbose', action='store_true', help='unused, kept for nnU-Net CLI symmetry')
+    args = parser.parse_args(argv)
+    num_processes = default_num_processes if args.np is None else args.np
+    try:
+        for d in args.d:
+            for c in args.c:
+                preprocess_unlabeled(d, c, args.plans_name, num_processes, args.overwrite)
+    except UnlabeledPreprocessingError as e:
+        print(f'ERROR: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,63 @@
+"""Training-time wrapper around a stock nnU-Net network.
+
+Why a wrapper: semi-supervised methods need the decoder's last feature map and small heads trained with the
+student, but ``nnUNetv2_predict`` rebuilds the network with the trainer's ``build_network_architecture`` and loads
+``checkpoint['network_weights']`` strictly, then calls ``network(x)``. The wrapper therefore
+
+* keeps ``encoder`` / ``decoder`` under their stock names, so the stock part of the state dict has nnU-Net's keys
+  (the plain export only has to drop ``heads.*``);
+* returns plain logits from ``forward(x)``;
+* exposes training-only outputs behind keyword arguments of the *same* call, so DDP and ``torch.compile``
+  wrappers see every parameter use.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+class SemiSegNetwork(nn.Module):
+    def __init__(self, base_network: nn.Module, heads: Optional[nn.Module] = None):
+        super().__init__()
+        # Registered as direct children so the state dict keys are 'encoder.*' and 'decoder.*' as in nnU-Net.
+        self.encoder = base_network.encoder
+        self.decoder = base_network.decoder
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, train_fn: Optional[Callable] = None):
+        if train_fn is not None:
+            # Lets a trainer run several passes (main, adversarial, heads) inside ONE call through DDP.
+            return train_fn(self, x)
+        if return_features:
+            return self.forward_with_features(x)
+        return self.decoder(self.encoder(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> dict:
+        """One encoder/decoder pass returning logits and the full-resolution last decoder features.
+
+        Re-implements the ten-line ``UNetDecoder.forward`` loop over the decoder's own submodules (it has no hook
+        returning features), so parameters and outputs are identical to ``self.decoder(skips)``.
+        """
+        skips = self.encoder(x)
+        decoder = self.decoder
+        num_stages = len(decoder.stages)
+        lower_res = skips[-1]
+        seg_outputs = []
+        features = None
+        for s in range(num_stages):
+            h = decoder.transpconvs[s](lower_res)
+            h = torch.cat((h, skips[-(s + 2)]), 1)
+            h = decoder.stages[s](h)
+            if decoder.deep_supervision:
+                seg_outputs.append(decoder.seg_layers[s](h))
+            elif s == num_stages - 1:
+                seg_outputs.append(decoder.seg_layers[-1](h))
+            lower_res = h
+            features = h
+        seg_outputs = seg_outputs[::-1]
+        seg = seg_outputs if decoder.deep_supervision else seg_outputs[0]
+        return {'seg': seg, 'features': features, 'skips': skips}
+
+    def full_resolution_logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(self.encoder(x))
+        return out[0] if isinstance(out, (list, tuple)) else out

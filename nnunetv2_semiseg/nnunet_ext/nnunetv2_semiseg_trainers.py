@@ -1,0 +1,4 @@
+# Discovery shim for nnU-Net's trainer search (nnUNet_extTrainer). nnU-Net imports every module of this folder as
+# a top-level module, so this file only re-exports our trainers by absolute import: the classes keep their
+# canonical module (picklable, one class object per process). Keep this folder free of anything else.
+from nnunetv2_semiseg.trainers.mean_teacher import nnUNetTrainerMeanTeacher  # noqa: F401
