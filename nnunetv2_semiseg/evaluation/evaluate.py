@@ -391,7 +391,7 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
             "units": "dice/jaccard: fraction in [0, 1]; *_voxel: voxels (no spacing, the papers' convention); "
                      "*_mm: image spacing units (mm)",
             "asd": "asd = MedPy binary.asd(pred, ref) (directed, the papers' ASD column); "
-                   "assd = (asd(pred, ref) + asd(ref, pred)) / 2",
+                   "assd = MedPy binary.assd (mean of the pooled surface distances of both directions)",
         },
         "per_case": per_case,
     }

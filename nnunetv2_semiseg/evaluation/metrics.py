@@ -19,8 +19,10 @@ d(v, S) = Euclidean distance, in voxels or mm, from voxel v to the nearest voxel
   This is the *directed* average surface distance from the prediction to the reference. It is what the papers'
   "ASD" column contains (their scripts call ``metric.binary.asd(pred, gt)``), even though several papers call it
   the average *symmetric* surface distance.
-- ASSD     = (ASD(P→R) + ASD(R→P)) / 2                              (MedPy ``binary.assd``)
-  The symmetric variant, reported alongside for users who want a true metric.
+- ASSD     = mean of the pooled set {d(p, S(R)) : p ∈ S(P)} ∪ {d(r, S(P)) : r ∈ S(R)}
+                                                                    (MedPy ``binary.assd``, MedPy >= 0.5)
+  The symmetric variant, reported alongside for users who want a true metric. It weights each direction by its
+  number of surface voxels (MedPy < 0.5 averaged the two directed means instead).
 
 Surface distances are computed by MedPy (``medpy.metric.binary``, a maintained library and the one the papers
 used). Before calling it, both masks are cropped to the bounding box of their union plus a one-voxel margin
@@ -136,10 +138,11 @@ def _surface_distance_metrics(
     """95HD, ASD (pred→ref) and ASSD with MedPy on non-empty masks (already cropped)."""
     from medpy.metric import binary
 
-    hd95 = float(binary.hd95(pred, ref, voxelspacing=spacing, connectivity=connectivity))
-    asd_pr = float(binary.asd(pred, ref, voxelspacing=spacing, connectivity=connectivity))
-    asd_rp = float(binary.asd(ref, pred, voxelspacing=spacing, connectivity=connectivity))
-    return {"hd95": hd95, "asd": asd_pr, "assd": (asd_pr + asd_rp) / 2.0}
+    return {
+        "hd95": float(binary.hd95(pred, ref, voxelspacing=spacing, connectivity=connectivity)),
+        "asd": float(binary.asd(pred, ref, voxelspacing=spacing, connectivity=connectivity)),
+        "assd": float(binary.assd(pred, ref, voxelspacing=spacing, connectivity=connectivity)),
+    }
 
 
 def _empty_distances(n_pred: int, n_ref: int, empty_convention: str) -> Optional[float]:
@@ -195,7 +198,8 @@ def asd(pred, ref, spacing=None, connectivity: int = 1, empty_convention: str = 
 
 
 def assd(pred, ref, spacing=None, connectivity: int = 1, empty_convention: str = "nan") -> float:
-    """Average symmetric surface distance (ASD(P→R) + ASD(R→P)) / 2 (MedPy ``binary.assd``)."""
+    """Average symmetric surface distance: mean of the pooled surface distances of both directions
+    (MedPy ``binary.assd``)."""
     return surface_distance_metrics(pred, ref, spacing, connectivity, empty_convention)["assd"]
 
 
