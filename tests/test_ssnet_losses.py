@@ -417,3 +417,22 @@ def test_memory_selection_across_ranks(tmp_path):
     expected = torch.tensor([[0.0, 2.0], [1.0, 0.0]])             # scores 0.8 (rank 0) and 0.5 (rank 1)
     for r in range(2):
         assert torch.equal(torch.load(tmp_path / f'rank{r}.pt'), expected)
+
+
+def test_vat_direction_survives_float16_autocast():
+    """Under float16 autocast the per-voxel gradients of a mean-type Dice underflow to 0 unless the probe
+    discrepancy is rescaled; the direction must stay close to the float32 one (CPU float16 autocast stands in for
+    CUDA AMP here)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4), nn.LeakyReLU(),
+                        nn.Conv3d(4, 2, 3, padding=1))
+    x = torch.randn(2, 1, 32, 32, 32)
+    q = torch.softmax(net(x), 1).detach()
+    d0 = torch.rand(x.shape) - 0.5
+    predict = lambda inp: torch.softmax(net(inp).float(), 1)
+    reference = vat_direction(predict, x, q, 0.5, dice_discrepancy, initial_direction=d0)
+    with torch.autocast('cpu', dtype=torch.float16):
+        mixed = vat_direction(predict, x, q, 0.5, dice_discrepancy, initial_direction=d0)
+    assert mixed.dtype == torch.float32
+    cosine = (reference * mixed).flatten(1).sum(1)
+    assert bool((cosine > 0.8).all()), cosine
