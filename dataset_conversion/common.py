@@ -214,13 +214,7 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
         labeled = train_ids[:labeled_n]
         rule = f"first {labeled_n} {unit}s of the training list"
     elif labeled_ids is not None:
-        train_set = set(train_ids)
-        for i in labeled_ids:
-            if i not in train_set:
-                where = " (it is in the test list)" if i in test_ids else ""
-                raise ConversionError(f"Unknown {unit} ID {i!r} in the labeled list {labeled_source}: it is not "
-                                      f"in the training list {train_source}{where}. Fix the labeled list or "
-                                      f"pass a matching --train-list.")
+        check_labeled_in_train(labeled_ids, labeled_source, train_ids, train_source, test_ids, unit)
         if not labeled_ids:
             raise ConversionError(f"The labeled list {labeled_source} is empty; list at least one {unit}.")
         wanted = set(labeled_ids)
