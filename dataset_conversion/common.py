@@ -65,6 +65,15 @@ class ConversionError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only for real defaults, not for None/False/flags."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(description: str, default_dataset_id: int, default_name: str,
                  split_choices: Sequence[str], default_split: str, input_help: str) -> argparse.ArgumentParser:
     """Parser with the options shared by all converters. Converters may add their own options afterwards.
@@ -72,14 +81,13 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
     Resulting attributes: input, dataset_id, name, output, overwrite, num_processes, labeled, labeled_list,
     train_list, test_list, only_present, split.
     """
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path, help=input_help)
     p.add_argument("-d", "--dataset-id", dest="dataset_id", type=int, default=default_dataset_id,
                    help="nnU-Net dataset ID (output folder DatasetXXX_<name>)")
     p.add_argument("--name", default=default_name, help="dataset name (output folder DatasetXXX_<name>)")
     p.add_argument("--output", type=Path, default=None,
-                   help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
+                   help="nnU-Net raw folder to write into; default: $nnUNet_raw")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DatasetXXX_<name> folder (only after the new one is complete)")
     p.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
