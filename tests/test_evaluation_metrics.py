@@ -198,6 +198,17 @@ def test_masks_touching_the_border_crop_is_exact():
     assert got["asd"] == pytest.approx(expected["asd"], abs=1e-9)
 
 
+def test_public_medpy_route_gives_the_same_values(monkeypatch):
+    """Without MedPy's internal helper the public hd95/asd/assd are called; both routes agree."""
+    a, b = sphere((14, 14, 14), (7, 7, 7), 5), sphere((14, 14, 14), (6, 8, 7), 3.5)
+    spacing = (2.0, 0.8, 1.0)
+    fast = M.surface_distance_metrics(a, b, spacing)
+    assert M._medpy_directed_surface_distances() is not None  # the fast route is the one in use
+    monkeypatch.setattr(M, "_medpy_directed_surface_distances", lambda: None)
+    public = M.surface_distance_metrics(a, b, spacing)
+    assert public == pytest.approx(fast, abs=1e-12)
+
+
 def test_crop_to_union_keeps_margin_and_clips():
     a = np.zeros((10, 10), bool)
     b = np.zeros((10, 10), bool)

@@ -509,12 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
                "  also contain the symmetric assd. 95HD = MedPy hd95 (95th percentile of both directions pooled).\n"
                "  Empty masks ('nan', default): both empty -> Dice 1, Jaccard 1, 95HD 0, ASD 0; exactly one empty\n"
                "  -> Dice 0, Jaccard 0, distances NaN, excluded from the means and counted ('excluded' in the\n"
-               "  JSON, a note under the table). 'literature': an empty prediction scores 0 on all four metrics\n"
-               "  (UA-MT/SS-Net test scripts); an empty reference with a non-empty prediction gives NaN distances.\n"
+               "  JSON, a note under the table). 'literature': an empty prediction scores 0 on all four metrics,\n"
+               "  whatever the reference (UA-MT/SS-Net test scripts); an empty reference with a non-empty\n"
+               "  prediction gives Dice 0 and NaN distances (the papers' scripts crash there).\n"
                "  --lcc keeps the largest connected component (26-connectivity in 3D) of each evaluated class of\n"
                "  the prediction, as the SS-Net/BCP LA protocol does.\n"
                "Files are matched by case ID (file name minus ending, e.g. .nii.gz); sizes must match and\n"
-               "spacings agree within 1e-3 relative.")
+               "spacings agree within 1e-3 relative; mm values use the reference spacing.")
     parser.add_argument("-ref", required=True, help="folder with the reference label files (e.g. labelsTs)")
     parser.add_argument("-pred", required=True, help="folder with the predicted label files")
     parser.add_argument("-l", nargs="+", default=None, metavar="LABEL",
