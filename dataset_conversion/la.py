@@ -46,7 +46,8 @@ SPLITS = {"uamt": ("la_train.txt", "la_test.txt"),
 
 # Where the case folders may sit below -i (the h5 repo's data/ folder, the challenge zip's top folder, or the
 # case-folder parent itself).
-CASE_ROOT_CANDIDATES = ("2018LA_Seg_Training Set", "Training Set", "Training_Set", "training", ".")
+CASE_ROOT_CANDIDATES = ("2018LA_Seg_Training Set", "data/2018LA_Seg_Training Set", "Training Set", "Training_Set",
+                        "training", ".")
 FORMAT_MARKER = {"h5": H5_FILE, "nrrd": RAW_IMAGE_FILE}
 
 
