@@ -193,6 +193,11 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
     messages (ACDC resolves patients, not frames).
     """
     train_ids, test_ids = list(train_ids), list(test_ids)
+    if labeled_ids is not None:
+        # list mistakes first: they are the user's to fix whatever is downloaded
+        check_labeled_in_train(labeled_ids, labeled_source, train_ids, train_source, test_ids, unit)
+        if not labeled_ids:
+            raise ConversionError(f"The labeled list {labeled_source} is empty; list at least one {unit}.")
     dropped: list[str] = []
     if present is not None:
         present = set(present)
@@ -222,11 +227,11 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
         labeled = train_ids[:labeled_n]
         rule = f"first {labeled_n} {unit}s of the training list"
     elif labeled_ids is not None:
-        check_labeled_in_train(labeled_ids, labeled_source, train_ids, train_source, test_ids, unit)
-        if not labeled_ids:
-            raise ConversionError(f"The labeled list {labeled_source} is empty; list at least one {unit}.")
         wanted = set(labeled_ids)
-        labeled = [i for i in train_ids if i in wanted]  # keep training-list order
+        labeled = [i for i in train_ids if i in wanted]  # keep training-list order; --only-present may drop some
+        if not labeled:
+            raise ConversionError(f"None of the {unit}s in the labeled list {labeled_source} is present in the "
+                                  f"input; download them or pass another --labeled-list.")
         rule = f"{unit}s listed in {labeled_source}"
     else:
         labeled = list(train_ids)

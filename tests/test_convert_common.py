@@ -179,3 +179,14 @@ def test_read_h5_errors(tmp_path):
         common.read_h5(tmp_path / "bad.h5", ("image",), "c")
     with pytest.raises(ConversionError, match=r"Case c: file .*none.h5 is missing"):
         common.read_h5(tmp_path / "none.h5", ("image",), "c")
+
+
+def test_labeled_list_with_only_present_drops_missing_labeled_cases():
+    s = resolve(labeled_ids=["a", "b"], labeled_source="lab.txt", present={"a", "c", "x", "y"}, only_present=True)
+    assert (s.labeled, s.unlabeled, s.test) == (["a"], ["c"], ["x", "y"])
+    assert s.provenance["dropped_missing_from_input"] == ["b", "d", "e"]
+    with pytest.raises(ConversionError, match=r"None of the cases in the labeled list lab.txt is present"):
+        resolve(labeled_ids=["b"], labeled_source="lab.txt", present={"a", "x"}, only_present=True)
+    # a wrong list entry is reported even when cases are missing from the input
+    with pytest.raises(ConversionError, match=r"Unknown case ID 'zz' in the labeled list"):
+        resolve(labeled_ids=["zz"], labeled_source="lab.txt", present={"a"})
