@@ -2,3 +2,9 @@
 # a top-level module, so this file only re-exports our trainers by absolute import: the classes keep their
 # canonical module (picklable, one class object per process). Keep this folder free of anything else.
 from nnunetv2_semiseg.trainers.mean_teacher import nnUNetTrainerMeanTeacher  # noqa: F401
+from nnunetv2_semiseg.trainers.schedule import nnUNetTrainer_semisegSchedule  # noqa: F401
+from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet  # noqa: F401
+from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_lowestScorePrototypes  # noqa: F401
+from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_noLDS  # noqa: F401
+from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_noCS  # noqa: F401
+from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_KL  # noqa: F401

@@ -32,6 +32,7 @@ from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, preproc
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+from nnunetv2_semiseg.trainers.schedule import apply_schedule_overrides
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
 
 
@@ -67,6 +68,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule_overrides(self)
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: Optional[int] = None
         self.global_iteration = 0  # optimizer steps done; the ramp-ups read it

@@ -1,0 +1,132 @@
+"""``nnUNetv2_semiseg_export_plain``: turn a model trained with our trainers into a plain nnU-Net model.
+
+The output folder (``dataset.json``, ``plans.json``, ``fold_X/checkpoint_final.pth``) is predicted by stock
+nnU-Net as ``nnUNetTrainer``, without this package installed: training-only heads (``heads.*``) and the
+``semiseg`` state (teachers, memories, discriminators) are dropped, ``trainer_name`` becomes ``nnUNetTrainer``,
+and the weights are checked to load strictly into the stock network built from the plans.
+
+Name the output ``<nnUNet_results>/DatasetXXX_Name/nnUNetTrainer__<plans>__<configuration>`` to use
+``nnUNetv2_predict -tr nnUNetTrainer``, or pass any folder to ``nnUNetv2_predict_from_modelfolder -m``.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from typing import List, Optional, Sequence
+
+import torch
+
+TRAINING_ONLY_PREFIXES = ('heads.',)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def plain_checkpoint(checkpoint: dict) -> dict:
+    """The parts of one of our checkpoints that stock nnU-Net's predictor reads, as ``nnUNetTrainer``."""
+    weights = {k: v for k, v in checkpoint['network_weights'].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    return {
+        'network_weights': weights,
+        'trainer_name': 'nnUNetTrainer',
+        'init_args': checkpoint['init_args'],
+        'inference_allowed_mirroring_axes': checkpoint.get('inference_allowed_mirroring_axes'),
+        'current_epoch': checkpoint.get('current_epoch'),
+        '_best_ema': checkpoint.get('_best_ema'),
+        'exported_from_trainer': checkpoint.get('trainer_name'),
+    }
+
+
+def check_loads_into_stock_network(weights: dict, model_folder: str, configuration: str) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    dataset_json = load_json(os.path.join(model_folder, 'dataset.json'))
+    plans_manager = PlansManager(os.path.join(model_folder, 'plans.json'))
+    cm = plans_manager.get_configuration(configuration)
+    num_inputs = determine_num_input_channels(plans_manager, cm, dataset_json)
+    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    network = nnUNetTrainer.build_network_architecture(plans_manager, cm, num_inputs, num_outputs,
+                                                       enable_deep_supervision=False)
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ExportError(f'The exported weights do not load into the stock nnU-Net network of {model_folder}: {e}')
+
+
+def find_folds(model_folder: str, checkpoint_name: str) -> List[str]:
+    return sorted(d for d in os.listdir(model_folder)
+                  if re.fullmatch(r'fold_(\d+|all)', d) and os.path.isfile(os.path.join(model_folder, d, checkpoint_name)))
+
+
+def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence[str]] = None,
+                 checkpoint_name: str = 'checkpoint_final.pth', overwrite: bool = False) -> str:
+    for required in ('dataset.json', 'plans.json'):
+        if not os.path.isfile(os.path.join(model_folder, required)):
+            raise ExportError(f'{os.path.join(model_folder, required)} not found: -i must be a trained model folder '
+                              f'(nnUNet_results/DatasetXXX/<Trainer>__<plans>__<configuration>).')
+    fold_dirs = [f'fold_{f}' for f in folds] if folds else find_folds(model_folder, checkpoint_name)
+    if not fold_dirs:
+        raise ExportError(f'No fold_X/{checkpoint_name} in {model_folder}. Finish training first, or pick another '
+                          f'checkpoint with -chk.')
+    if os.path.exists(output_folder) and not overwrite:
+        raise ExportError(f'{output_folder} exists. Choose another -o or pass --overwrite.')
+    parent = os.path.dirname(os.path.abspath(output_folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f'.tmp_export_{uuid.uuid4().hex[:8]}')
+    os.makedirs(tmp)
+    try:
+        for name in ('dataset.json', 'plans.json', 'dataset_fingerprint.json'):
+            if os.path.isfile(os.path.join(model_folder, name)):
+                shutil.copy(os.path.join(model_folder, name), os.path.join(tmp, name))
+        for fold_dir in fold_dirs:
+            source = os.path.join(model_folder, fold_dir, checkpoint_name)
+            if not os.path.isfile(source):
+                raise ExportError(f'{source} not found.')
+            checkpoint = torch.load(source, map_location='cpu', weights_only=False)
+            plain = plain_checkpoint(checkpoint)
+            check_loads_into_stock_network(plain['network_weights'], model_folder,
+                                           plain['init_args']['configuration'])
+            os.makedirs(os.path.join(tmp, fold_dir))
+            # Stock predict_from_raw_data loads 'checkpoint_final.pth' unless told otherwise with -chk.
+            torch.save(plain, os.path.join(tmp, fold_dir, checkpoint_name))
+        with open(os.path.join(tmp, 'semiseg_export.json'), 'w') as f:
+            json.dump({'exported_from': os.path.abspath(model_folder), 'folds': fold_dirs,
+                       'checkpoint': checkpoint_name, 'dropped_prefixes': list(TRAINING_ONLY_PREFIXES)}, f, indent=2)
+        if os.path.exists(output_folder):
+            shutil.rmtree(output_folder)
+        os.replace(tmp, output_folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_folder
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog='nnUNetv2_semiseg_export_plain',
+        description='Export a model trained with an nnunetv2_semiseg trainer as a plain nnU-Net model '
+                    '(nnUNetTrainer) that stock nnU-Net predicts with, without this package.')
+    parser.add_argument('-i', required=True, help='Trained model folder: nnUNet_results/DatasetXXX/'
+                                                  '<Trainer>__<plans>__<configuration>')
+    parser.add_argument('-o', required=True, help='Output model folder. Tip: nnUNet_results/DatasetXXX/'
+                                                  'nnUNetTrainer__<plans>__<configuration> to use nnUNetv2_predict '
+                                                  '-tr nnUNetTrainer')
+    parser.add_argument('-f', nargs='+', default=None, help='Folds to export (default: all with a checkpoint)')
+    parser.add_argument('-chk', default='checkpoint_final.pth', help='Checkpoint name (default checkpoint_final.pth)')
+    parser.add_argument('--overwrite', action='store_true', help='Replace an existing output folder')
+    args = parser.parse_args(argv)
+    try:
+        out = export_plain(args.i, args.o, args.f, args.chk, args.overwrite)
+    except ExportError as e:
+        print(f'ERROR: {e}', file=sys.stderr)
+        sys.exit(1)
+    print(f'Exported plain nnU-Net model to {out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,50 @@
+"""Schedule overrides from environment variables, for short runs (tests, the demo, benchmarks).
+
+nnU-Net's convention for a different schedule is a variant class (``nnUNetTrainer_5epochs``). Our trainers
+additionally honour these variables so one trained class can be run on any schedule without a new class:
+
+    nnUNet_semiseg_num_epochs                  -> num_epochs
+    nnUNet_semiseg_iterations_per_epoch        -> num_iterations_per_epoch
+    nnUNet_semiseg_val_iterations_per_epoch    -> num_val_iterations_per_epoch
+
+Ramp-ups are fractions of the total iterations, so they scale with the schedule.
+"""
+import os
+
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+SCHEDULE_ENV_VARS = {
+    'num_epochs': 'nnUNet_semiseg_num_epochs',
+    'num_iterations_per_epoch': 'nnUNet_semiseg_iterations_per_epoch',
+    'num_val_iterations_per_epoch': 'nnUNet_semiseg_val_iterations_per_epoch',
+}
+
+
+def apply_schedule_overrides(trainer) -> None:
+    for attribute, variable in SCHEDULE_ENV_VARS.items():
+        value = os.environ.get(variable)
+        if value is None or value.strip() == '':
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f'Environment variable {variable}={value!r} must be a positive integer') from None
+        if number < 1:
+            raise ValueError(f'Environment variable {variable}={value!r} must be a positive integer')
+        setattr(trainer, attribute, number)
+    # A checkpoint_latest more often than the run is long would never be written; keep nnU-Net's default else.
+    trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs))
+
+
+class nnUNetTrainer_semisegSchedule(nnUNetTrainer):
+    """Stock ``nnUNetTrainer`` (supervised, labeled cases only) that honours the schedule variables above.
+
+    The supervised baseline of the demo and the benchmarks, so both arms run the same number of iterations.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule_overrides(self)
