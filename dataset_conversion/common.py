@@ -184,13 +184,15 @@ class SplitAssignment:
 def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_source: str, test_source: str,
                   labeled_n: int | None = None, labeled_ids: Sequence[str] | None = None,
                   labeled_source: str | None = None, present: Iterable[str] | None = None,
-                  only_present: bool = False, unit: str = "case") -> SplitAssignment:
+                  only_present: bool = False, unit: str = "case", location_hint: str | None = None
+                  ) -> SplitAssignment:
     """Split a training list into labeled/unlabeled and check the test list.
 
     labeled_n: first N of train_ids (literature convention). labeled_ids: explicit list (must be a subset of
     train_ids). Neither: everything labeled. ``present``: the IDs available in the input; list entries not present
     are an error, or are dropped (and recorded) when only_present is True. ``unit`` only changes the wording of
-    messages (ACDC resolves patients, not frames).
+    messages (ACDC resolves patients, not frames). ``location_hint`` (e.g. "<root>/<ID>/mri_norm2.h5") tells the
+    user where a missing case was looked for.
     """
     train_ids, test_ids = list(train_ids), list(test_ids)
     if labeled_ids is not None:
@@ -206,7 +208,8 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ConversionError(
                 f"{len(missing)} {unit}(s) of the split lists are missing from the input ({shown}; first from "
-                f"{train_source if missing[0] in train_ids else test_source}). Fix: download the complete "
+                f"{train_source if missing[0] in train_ids else test_source})"
+                f"{'; expected ' + location_hint if location_hint else ''}. Fix: download the complete "
                 f"release, or pass --train-list/--test-list with only the {unit}s you have, or --only-present.")
         dropped = missing
         train_ids = [i for i in train_ids if i in present]

@@ -247,9 +247,10 @@ def test_unknown_ids_in_lists(tmp_path, capsys):
     expect_error(tmp_path, capsys, ["-i", src, "--train-list", write_list(tmp_path / "tr.txt", PATS[:2]),
                                     "--test-list", write_list(tmp_path / "te.txt", PATS[2:]), "--labeled-list", lab],
                  f"Unknown patient ID 'patient003' in the labeled list {lab}: it is not in the training list")
-    expect_error(tmp_path, capsys, ["-i", src, "--train-list", write_list(tmp_path / "t2.txt", ["patient009"]),
-                                    "--test-list", write_list(tmp_path / "empty.txt", [])],
-                 "1 patient(s) of the split lists are missing from the input (patient009;")
+    err = expect_error(tmp_path, capsys, ["-i", src, "--train-list", write_list(tmp_path / "t2.txt", ["patient009"]),
+                                          "--test-list", write_list(tmp_path / "empty.txt", [])],
+                       "1 patient(s) of the split lists are missing from the input (patient009;")
+    assert f"expected {src / 'data'}/patientXXX_frame01.h5 and _frame02.h5. Fix:" in err
 
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):

@@ -192,7 +192,8 @@ def test_input_without_cases(tmp_path, capsys):
 def test_case_missing_from_input(tmp_path, capsys):
     src = make_h5_release(tmp_path / "src", IDS[:2])
     expect_error(tmp_path, capsys, ["-i", src, *_lists(tmp_path)],
-                 f"1 case(s) of the split lists are missing from the input ({IDS[2]};")
+                 f"1 case(s) of the split lists are missing from the input ({IDS[2]}; first from {tmp_path / 'te.txt'})"
+                 f"; expected {src / '2018LA_Seg_Training Set' / '<ID>' / la.H5_FILE}. Fix:")
     # --only-present drops it and records it
     assert run(tmp_path, "-i", src, *_lists(tmp_path), "--only-present") == 0
     man = json.loads((tmp_path / "raw" / "Dataset101_LA" / "semiseg_split.json").read_text())
