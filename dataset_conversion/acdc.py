@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_patient_list(path: Path | None, packaged: str | None) -> tuple[list[str], str] | tuple[None, None]:
+def _read_patient_list(path: Path | None, packaged: str | None) -> tuple[list[str] | None, str | None]:
+    """A user list (patient or frame IDs, reduced to patients) wins over the packaged list; neither -> (None, None)."""
     if path is not None:
         return to_patient_ids(common.read_id_list(path), str(path)), str(path)
     if packaged is not None:

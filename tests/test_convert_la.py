@@ -237,10 +237,13 @@ def test_label_with_unexpected_values(tmp_path, capsys):
 def test_unknown_id_in_labeled_list(tmp_path, capsys):
     src = make_h5_release(tmp_path / "src", IDS)
     lab = write_list(tmp_path / "lab.txt", [IDS[0], "NOT_A_CASE"])
-    args = ["-i", src, "--train-list", tmp_path / "tr.txt", "--test-list", tmp_path / "te.txt"]
-    write_list(tmp_path / "tr.txt", IDS[:2]), write_list(tmp_path / "te.txt", IDS[2:])
-    expect_error(tmp_path, capsys, [*args, "--labeled-list", lab],
-                 f"Unknown case ID 'NOT_A_CASE' in the labeled list {lab}")
+    args = ["-i", src, "--train-list", write_list(tmp_path / "tr.txt", IDS[:2]),
+            "--test-list", write_list(tmp_path / "te.txt", IDS[2:]), "--labeled-list", lab]
+    expect_error(tmp_path, capsys, args, f"Unknown case ID 'NOT_A_CASE' in the labeled list {lab}")
+    # an ID in the training list that is not a case of the input is named too
+    tr = write_list(tmp_path / "tr2.txt", [IDS[0], "NOT_A_CASE"])
+    expect_error(tmp_path, capsys, ["-i", src, "--train-list", tr, "--test-list", tmp_path / "te.txt"],
+                 "missing from the input (NOT_A_CASE; first from")
 
 
 def test_existing_output_needs_overwrite_and_failed_overwrite_keeps_it(tmp_path, capsys):
