@@ -7,6 +7,8 @@ additionally honour these variables so one trained class can be run on any sched
     nnUNet_semiseg_iterations_per_epoch        -> num_iterations_per_epoch
     nnUNet_semiseg_val_iterations_per_epoch    -> num_val_iterations_per_epoch
 
+    nnUNet_semiseg_seed                        -> seeds python, numpy and torch at trainer construction
+
 Ramp-ups are fractions of the total iterations, so they scale with the schedule.
 """
 import os
@@ -22,6 +24,16 @@ SCHEDULE_ENV_VARS = {
 }
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (in-process augmentation, i.e. nnUNet_n_proc_DA=0, is then repeatable)."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def apply_schedule_overrides(trainer) -> None:
     for attribute, variable in SCHEDULE_ENV_VARS.items():
         value = os.environ.get(variable)
@@ -34,6 +46,9 @@ def apply_schedule_overrides(trainer) -> None:
         if number < 1:
             raise ValueError(f'Environment variable {variable}={value!r} must be a positive integer')
         setattr(trainer, attribute, number)
+    seed = os.environ.get('nnUNet_semiseg_seed')
+    if seed is not None and seed.strip() != '':
+        seed_everything(int(seed))
     # A checkpoint_latest more often than the run is long would never be written; keep nnU-Net's default else.
     trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs))
 

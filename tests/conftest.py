@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny synthetic dataset planned and preprocessed once per session through the stock CLIs.
+
+``tiny_dataset`` (session): Dataset901, 6 labeled (fold 0: 4 train / 2 val), 4 unlabeled and 2 test cases of
+20x32x32 voxels, planned by nnU-Net, shrunk to the plans ``nnUNetPlansTiny`` (3 stages, 8/16/32 features, patch
+16x32x32 / 32x32, batch 2) and preprocessed for ``3d_fullres`` and ``2d`` (labeled and unlabeled).
+
+``workspace`` (function): a private copy of that nnU-Net tree (raw + preprocessed, empty results) so tests that
+train or write can run in any order. ``workspace.train_env(epochs, iterations)`` gives the env for a short run.
+"""
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict
+
+import pytest
+
+from nnunetv2_semiseg.demo.pipeline import nnunet_env, plan_and_preprocess_tiny, run_step, training_env
+from nnunetv2_semiseg.demo.synthetic import make_synthetic_dataset
+
+TINY_ID = 901
+TINY_NAME = 'Dataset901_SemiSegSynth'
+TINY_PLANS = 'nnUNetPlansTiny'
+
+
+@dataclass
+class Workspace:
+    base: str
+    dataset_id: int = TINY_ID
+    dataset_name: str = TINY_NAME
+    plans: str = TINY_PLANS
+
+    @property
+    def env(self) -> Dict[str, str]:
+        return nnunet_env(self.base)
+
+    @property
+    def raw(self) -> str:
+        return os.path.join(self.base, 'nnUNet_raw', self.dataset_name)
+
+    @property
+    def preprocessed(self) -> str:
+        return os.path.join(self.base, 'nnUNet_preprocessed', self.dataset_name)
+
+    @property
+    def results(self) -> str:
+        return os.path.join(self.base, 'nnUNet_results', self.dataset_name)
+
+    def model_folder(self, trainer: str, configuration: str = '3d_fullres') -> str:
+        return os.path.join(self.results, f'{trainer}__{self.plans}__{configuration}')
+
+    def train_env(self, epochs: int = 1, iterations: int = 2, val_iterations: int = 1) -> Dict[str, str]:
+        return training_env(self.env, epochs, iterations, val_iterations)
+
+    def run(self, *command: str, env=None) -> str:
+        return run_step(list(command), env if env is not None else self.train_env())
+
+    def set_process_env(self, monkeypatch) -> None:
+        """For in-process API calls: nnU-Net paths and single-process settings in os.environ."""
+        for k, v in self.train_env().items():
+            if k.startswith('nnUNet'):
+                monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope='session')
+def tiny_dataset(tmp_path_factory) -> Workspace:
+    base = str(tmp_path_factory.mktemp('tiny_nnunet'))
+    env = nnunet_env(base)
+    make_synthetic_dataset(env['nnUNet_raw'], TINY_ID, name='SemiSegSynth', num_labeled=6, num_unlabeled=4,
+                           num_test=2, shape=(20, 32, 32), seed=1)
+    plan_and_preprocess_tiny(env, TINY_ID, ('3d_fullres', '2d'), plans_name=TINY_PLANS)
+    return Workspace(base)
+
+
+@pytest.fixture
+def workspace(tiny_dataset, tmp_path) -> Workspace:
+    base = str(tmp_path / 'ws')
+    for sub in ('nnUNet_raw', 'nnUNet_preprocessed'):
+        shutil.copytree(os.path.join(tiny_dataset.base, sub), os.path.join(base, sub), symlinks=True)
+    os.makedirs(os.path.join(base, 'nnUNet_results'))
+    return Workspace(base)
