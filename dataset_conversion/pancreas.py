@@ -189,7 +189,7 @@ def read_dicom_case(case_folder: Path, label_file: Optional[Path], case_id: str,
 
 
 def convert_case(job: dict) -> dict:
-    """Convert one case into the writer's temporary folder. job: see _make_jobs."""
+    """Convert one case into the writer's temporary folder. job: built by make_jobs."""
     case_id, role, out = job['case_id'], job['role'], Path(job['out'])
     need_label = role != ROLE_UNLABELED
     image_path, label_path = output_paths(out, role, case_id)
@@ -268,6 +268,23 @@ def duplicate_scan_warnings(train: Sequence[str], test: Sequence[str]) -> List[s
     return warnings
 
 
+def make_jobs(assignment, out: Path, fmt: str, sources: Dict[str, Path], labels: Dict[str, Path],
+              label_geometry: str) -> List[dict]:
+    """One picklable job per case. Unlabeled cases get no label path, so their label cannot leak into the output."""
+    jobs = []
+    for role, ids in ((ROLE_LABELED, assignment.labeled), (ROLE_UNLABELED, assignment.unlabeled),
+                      (ROLE_TEST, assignment.test)):
+        for cid in ids:
+            job = {'case_id': cid, 'role': role, 'out': str(out), 'format': fmt, 'label_geometry': label_geometry}
+            if fmt == 'h5':
+                job['h5'] = str(sources[cid])
+            else:
+                job['dicom'] = str(sources[cid])
+                job['label'] = str(labels[cid]) if role != ROLE_UNLABELED else None
+            jobs.append(job)
+    return jobs
+
+
 def convert(args) -> Path:
     root = Path(args.input)
     if not root.is_dir():
@@ -320,20 +337,12 @@ def convert(args) -> Path:
         print(f'WARNING: {w}')
 
     with DatasetWriter(output_root, folder_name, args.overwrite) as writer:
-        jobs = []
-        for role, ids in ((ROLE_LABELED, assignment.labeled), (ROLE_UNLABELED, assignment.unlabeled),
-                          (ROLE_TEST, assignment.test)):
-            for cid in ids:
-                job = {'case_id': cid, 'role': role, 'out': str(writer.tmp), 'format': fmt,
-                       'label_geometry': args.label_geometry}
-                if fmt == 'h5':
-                    job['h5'] = str(sources[cid])
-                else:
-                    job['dicom'] = str(sources[cid])
-                    job['label'] = str(labels[cid]) if role != ROLE_UNLABELED else None
-                jobs.append(job)
+        jobs = make_jobs(assignment, writer.tmp, fmt, sources, labels, args.label_geometry)
         results = parallel_map(convert_case, jobs, args.num_processes, desc='Pancreas-CT')
         notes = {r['case_id']: r['note'] for r in results if r['note']}
+        if notes:
+            print(f'{len(notes)} label(s) needed a geometry fix (listed under geometry_fixes in semiseg_split.json), '
+                  f'e.g. {next(iter(notes))}: {next(iter(notes.values()))}')
         if fmt == 'h5' and args.h5_channel_name == 'noNorm':
             hu_like = [r['case_id'] for r in results if r['image_max'] > 50]
             if hu_like:

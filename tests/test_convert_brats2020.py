@@ -195,7 +195,8 @@ def test_missing_input_folder_and_empty_release(tmp_path):
 
 def test_case_missing_from_input(small_release, tmp_path):
     release, train, _ = small_release
-    with pytest.raises(ConversionError, match=r'366 case\(s\) .* missing from the input \(BraTS20_Training_141, .*--only-present'):
+    with pytest.raises(ConversionError,
+                       match=r'366 case\(s\) .* missing from the input \(BraTS20_Training_141, .*--only-present'):
         run(['-i', release, '--output', tmp_path / 'raw'])  # the seeded split lists all 369 cases
 
 
