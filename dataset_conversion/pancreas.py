@@ -105,16 +105,29 @@ def find_h5_files(root: Path) -> Dict[str, Path]:
     return found
 
 
+def _is_case_folder(p: Path) -> bool:
+    return p.is_dir() and re.match(r'^PANCREAS_\d{4}$', p.name) is not None
+
+
 def find_dicom_case_folders(root: Path) -> Dict[str, Path]:
-    """Canonical ID -> PANCREAS_XXXX folder (at -i or one level below, e.g. -i/Pancreas-CT/PANCREAS_0001)."""
+    """Canonical ID -> PANCREAS_XXXX folder, at most two levels below -i (NBIA downloads nest them as
+    manifest-<n>/Pancreas-CT/PANCREAS_0001)."""
     found: Dict[str, Path] = {}
-    candidates = [root] + [p for p in sorted(root.iterdir()) if p.is_dir()]
-    for parent in candidates:
-        for p in sorted(parent.iterdir()):
-            if p.is_dir() and re.match(r'^PANCREAS_\d{4}$', p.name):
+    level = [root]
+    for _depth in range(3):
+        next_level = []
+        for parent in level:
+            for p in sorted(q for q in parent.iterdir() if q.is_dir()):
+                if not _is_case_folder(p):
+                    next_level.append(p)
+                    continue
                 cid = canonical_case_id(p.name)
-                if cid is not None and cid not in found:
-                    found[cid] = p
+                if cid is None:
+                    continue
+                if cid in found:
+                    raise ConversionError(f'Two folders for case {cid}: {found[cid]} and {p}. Keep one below -i.')
+                found[cid] = p
+        level = next_level
     return found
 
 

@@ -76,8 +76,8 @@ def write_label(path: Path, mask_zyx: np.ndarray, flip_z_header: bool = False) -
 @pytest.fixture
 def dicom_release(tmp_path):
     """TCIA tree with 4 cases (0001, 0002, 0013, 0064) and NIH labels for all but the unlabeled 0013."""
-    root = tmp_path / 'Pancreas-CT'
-    labels = tmp_path / 'Pancreas-CT' / 'TCIA_pancreas_labels-02-05-2017'
+    root = tmp_path / 'manifest-1599750808610' / 'Pancreas-CT'  # NBIA nesting; tests pass -i at either level
+    labels = root / 'TCIA_pancreas_labels-02-05-2017'
     for no in (1, 2, 13, 64):
         write_dicom_series(root / f'PANCREAS_{no:04d}' / f'11-24-2015-PANCREAS{no:04d}-{no}' / f'Pancreas-{no}',
                            hu_volume(no), no)
@@ -262,7 +262,8 @@ def test_dicom_missing_case_and_only_present(dicom_release, tmp_path):
     """Default CoraNet split on a 4-case download: an error naming the missing cases, or --only-present."""
     with pytest.raises(ConversionError, match=r'missing from the input \(PANCREAS_0003'):
         run(['-i', dicom_release, '--output', tmp_path / 'raw'])
-    out = run(['-i', dicom_release, '--output', tmp_path / 'raw', '--only-present'])
+    # -i at the NBIA manifest folder (case folders two levels down) finds the same cases
+    out = run(['-i', dicom_release.parent, '--output', tmp_path / 'raw', '--only-present'])
     manifest = json.loads((out / 'semiseg_split.json').read_text())
     # CoraNet's published labeled list (0001-0012) is the default labeled set; 0013 is in its unlabeled list
     assert manifest['labeled'] == ['PANCREAS_0001', 'PANCREAS_0002']
