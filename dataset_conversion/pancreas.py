@@ -184,6 +184,26 @@ def read_h5_case(path: Path, case_id: str, need_label: bool) -> Tuple[np.ndarray
     return image.astype(np.float32).transpose(2, 1, 0), label
 
 
+# Pancreas parenchyma in portal-venous CT lies well inside this HU window; a label that lands on air, fat or bone
+# (flipped / shifted against the image) fails it. Loose bounds and a 90 % quorum tolerate partial-volume voxels.
+SOFT_TISSUE_HU = (-200, 400)
+MIN_SOFT_TISSUE_FRACTION = 0.9
+
+
+def label_alignment_warning(hu_zyx: np.ndarray, label_zyx: np.ndarray, case_id: str) -> str:
+    """'' when the labeled voxels look like soft tissue, else a warning naming the case (a cheap check that the
+    label really sits on the pancreas after the geometry handling)."""
+    inside = hu_zyx[label_zyx > 0]
+    if inside.size == 0:
+        return f'case {case_id}: the label is empty.'
+    fraction = float(np.mean((inside >= SOFT_TISSUE_HU[0]) & (inside <= SOFT_TISSUE_HU[1])))
+    if fraction < MIN_SOFT_TISSUE_FRACTION:
+        return (f'case {case_id}: only {100 * fraction:.0f} % of the labeled voxels have soft-tissue HU '
+                f'({SOFT_TISSUE_HU[0]}..{SOFT_TISSUE_HU[1]}); the label may be misaligned (flipped or shifted). '
+                f'Overlay image and label for this case; try the other --label-geometry mode.')
+    return ''
+
+
 def read_dicom_case(case_folder: Path, label_file: Optional[Path], case_id: str, label_geometry: str):
     """(image sitk in HU, label sitk on the image grid or None, note)."""
     import SimpleITK as sitk
@@ -206,7 +226,7 @@ def convert_case(job: dict) -> dict:
     case_id, role, out = job['case_id'], job['role'], Path(job['out'])
     need_label = role != ROLE_UNLABELED
     image_path, label_path = output_paths(out, role, case_id)
-    note = ''
+    note = warning = ''
     if job['format'] == 'h5':
         image, label = read_h5_case(Path(job['h5']), case_id, need_label)
         spacing, origin, direction = (1.0, 1.0, 1.0), None, None
@@ -219,11 +239,13 @@ def convert_case(job: dict) -> dict:
         image = np.round(image).astype(np.int16) if np.issubdtype(image.dtype, np.floating) else image.astype(np.int16)
         label = _binary_label(sitk.GetArrayFromImage(lab), case_id, job['label']) if lab is not None else None
         spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+        if label is not None:
+            warning = label_alignment_warning(image, label, case_id)
     write_nifti(image, image_path, spacing, origin, direction)
     if label is not None:
         write_nifti(label, label_path, spacing, origin, direction)
     return {'case_id': case_id, 'shape_zyx': list(image.shape), 'spacing_xyz': [float(s) for s in spacing],
-            'note': note, 'image_max': float(image.max())}
+            'note': note, 'warning': warning, 'image_max': float(image.max())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +375,10 @@ def convert(args) -> Path:
         jobs = make_jobs(assignment, writer.tmp, fmt, sources, labels, args.label_geometry)
         results = parallel_map(convert_case, jobs, args.num_processes, desc='Pancreas-CT')
         notes = {r['case_id']: r['note'] for r in results if r['note']}
+        for r in results:
+            if r['warning']:
+                print(f"WARNING: {r['warning']}")
+                warnings.append(r['warning'])
         if notes:
             print(f'{len(notes)} label(s) needed a geometry fix (listed under geometry_fixes in semiseg_split.json), '
                   f'e.g. {next(iter(notes))}: {next(iter(notes.values()))}')

@@ -21,9 +21,13 @@ ORIGIN = (-10.0, -20.0, -30.0)
 # fixtures
 # ----------------------------------------------------------------------------------------------------------------
 def hu_volume(case_no: int) -> np.ndarray:
-    """(z, y, x) int16 HU volume, different per case so mix-ups are detected."""
+    """(z, y, x) int16 HU volume, different per case so mix-ups are detected: air-like values (< -700) everywhere
+    except soft tissue (40..100 HU) under the case's pancreas mask, as the alignment check expects."""
     x, y, z = SIZE_XYZ
-    return (np.arange(x * y * z).reshape(z, y, x) * 7 + case_no * 13 - 1000).astype(np.int16)
+    ramp = np.arange(x * y * z).reshape(z, y, x)
+    hu = -1000 + ramp % 300 + case_no
+    hu[pancreas_mask(case_no) > 0] = 40 + ramp[pancreas_mask(case_no) > 0] % 50 + case_no
+    return hu.astype(np.int16)
 
 
 def pancreas_mask(case_no: int) -> np.ndarray:
@@ -178,6 +182,20 @@ def test_dicom_conversion_layout_values_and_geometry(dicom_release, tmp_path):
     assert manifest['unlabeled'] == ['PANCREAS_0013'] and manifest['test'] == ['PANCREAS_0064']
     assert manifest['train_list'] == str(train) and manifest['source_format'] == 'dicom'
     assert 'reoriented' in manifest['geometry_fixes']['PANCREAS_0002']
+    assert manifest['warnings'] == []  # every label sits on soft tissue
+
+
+def test_dicom_misaligned_label_is_reported(dicom_release, tmp_path, capsys):
+    """A label whose voxels are z-flipped against the image (header claims no flip) is converted but reported."""
+    label = dicom_release / 'TCIA_pancreas_labels-02-05-2017' / 'label0001.nii.gz'
+    write_label(label, pancreas_mask(1)[::-1].copy())
+    out = run(['-i', dicom_release, '--output', tmp_path / 'raw', '--train-list',
+               write_list(tmp_path / 'train.txt', ['PANCREAS_0001', 'PANCREAS_0002']), '--test-list',
+               write_list(tmp_path / 'test.txt', [])])
+    warnings = json.loads((out / 'semiseg_split.json').read_text())['warnings']
+    assert len(warnings) == 1
+    assert warnings[0].startswith('case PANCREAS_0001: only 0 % of the labeled voxels have soft-tissue HU')
+    assert 'WARNING: case PANCREAS_0001' in capsys.readouterr().out
 
 
 def test_dicom_unlabeled_case_label_is_never_written(dicom_release, tmp_path):
