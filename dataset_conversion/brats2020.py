@@ -109,10 +109,15 @@ def round_half_up(x: float) -> int:
 # input discovery
 # ----------------------------------------------------------------------------------------------------------------
 def release_folder(root: Path) -> Path:
-    """-i may be the release folder itself or a folder containing MICCAI_BraTS2020_TrainingData/."""
+    """-i may be the release folder itself or a folder containing MICCAI_BraTS2020_TrainingData/ directly or one
+    level down (Kaggle: BraTS2020_TrainingData/MICCAI_BraTS2020_TrainingData/)."""
     if (root / RELEASE_FOLDER).is_dir():
         return root / RELEASE_FOLDER
-    return root
+    nested = sorted(p / RELEASE_FOLDER for p in root.iterdir() if (p / RELEASE_FOLDER).is_dir())
+    if len(nested) > 1:
+        raise ConversionError(f'{root} contains several {RELEASE_FOLDER} folders ({", ".join(map(str, nested))}); '
+                              f'pass the one to convert with -i.')
+    return nested[0] if nested else root
 
 
 def find_cases(folder: Path) -> Dict[str, Path]:

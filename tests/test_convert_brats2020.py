@@ -93,10 +93,10 @@ def test_seeded_split_is_shipped_and_reproducible():
 def test_default_flair_wt_seeded_split_with_fraction(tmp_path):
     train_all, test_all = brats2020.seeded_split()
     present_train, present_test = train_all[:4], test_all[:2]
-    release = tmp_path / 'dl' / 'MICCAI_BraTS2020_TrainingData'
+    release = tmp_path / 'dl' / 'BraTS2020_TrainingData' / 'MICCAI_BraTS2020_TrainingData'
     for cid in present_train + present_test:
         make_case(release, num(cid))
-    # -i may be the parent of the release folder
+    # -i may be a parent of the release folder (Kaggle nests it one level deeper)
     out = run(['-i', tmp_path / 'dl', '--output', tmp_path / 'raw', '--only-present', '--labeled-fraction', 0.5])
     assert out == tmp_path / 'raw' / 'Dataset103_BraTS2020'
     lab, unl, tst = present_train[:2], present_train[2:], present_test
