@@ -62,6 +62,10 @@ class nnUNetTrainerSSNet(nnUNetTrainerSemiSupervised):
 
     def initialize(self):
         super().initialize()
+        self.build_components()
+
+    def build_components(self) -> None:
+        """The two SS-Net components for this dataset's output layout (softmax classes or sigmoid regions)."""
         regions = self.label_manager.has_regions
         self.smoothness = DiceVATSmoothness(self.lds_epsilon_rms, self.lds_xi_rms, self.lds_discrepancy, regions)
         self.separation = None
