@@ -17,7 +17,7 @@ LA_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', '
                       '2018LA_Seg_Training Set')
 LABELED = ['06SR5RBREL16DQ6M8LWS', '0RZDK210BSMWAA6467LU']
 UNLABELED = ['1D7CUD1955YZPGK8XHJX']
-CROP = (96, 96, 64)  # x, y, z voxels around the atrium centre
+CROP = (64, 64, 48)  # x, y, z voxels around the atrium centre
 
 
 def _write(array_xyz: np.ndarray, path: str) -> None:
@@ -54,7 +54,7 @@ def test_real_la_volumes_plan_preprocess_unlabeled_and_train_mean_teacher(tmp_pa
         json.dump({'channel_names': {'0': 'zscore'}, 'labels': {'background': 0, 'left_atrium': 1},
                    'numTraining': len(LABELED), 'file_ending': '.nii.gz'}, f)
 
-    plan_and_preprocess_tiny(env, 961, ('3d_fullres',), patch_3d=(32, 48, 48))
+    plan_and_preprocess_tiny(env, 961, ('3d_fullres',), patch_3d=(32, 32, 32))
     pre = os.path.join(env['nnUNet_preprocessed'], 'Dataset961_LAReal')
     unlabeled = sorted(f for f in os.listdir(os.path.join(pre, 'nnUNetPlansTiny_3d_fullres_unlabeled'))
                        if f.endswith('.b2nd') and not f.endswith('_seg.b2nd'))
@@ -63,9 +63,9 @@ def test_real_la_volumes_plan_preprocess_unlabeled_and_train_mean_teacher(tmp_pa
     assert plans['configurations']['3d_fullres']['spacing'] == [0.625, 0.625, 0.625]
 
     run_step(['nnUNetv2_train', '961', '3d_fullres', 'all', '-tr', 'nnUNetTrainerMeanTeacher', '-p',
-              'nnUNetPlansTiny', '-device', 'cpu'], training_env(env, 1, 3, 1))
+              'nnUNetPlansTiny', '-device', 'cpu'], training_env(env, 1, 2, 1))
     final = torch.load(os.path.join(env['nnUNet_results'], 'Dataset961_LAReal',
                                     'nnUNetTrainerMeanTeacher__nnUNetPlansTiny__3d_fullres', 'fold_all',
                                     'checkpoint_final.pth'), map_location='cpu', weights_only=False)
-    assert final['semiseg']['global_iteration'] == 3
+    assert final['semiseg']['global_iteration'] == 2
     assert np.isfinite(final['logging']['train_sup'][0]) and np.isfinite(final['logging']['train_cons'][0])

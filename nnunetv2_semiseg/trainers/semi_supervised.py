@@ -64,6 +64,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     unlabeled_two_views: bool = False
     # Names of the loss terms returned by compute_loss_terms (besides 'loss'); logged as train_<name>.
     loss_term_names: Sequence[str] = ('sup',)
+    # torch.compile (nnU-Net's default on CUDA) of the student. Methods that pass a Python callable through the
+    # forward (``train_fn``) should switch it off: a new closure per step would defeat the compiled graph's guards.
+    allow_torch_compile: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -91,6 +94,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def build_training_heads(cls, base_network: nn.Module, num_output_channels: int) -> Optional[nn.Module]:
         """Trainable modules that share the student's forward pass (kept in network_weights as ``heads.*``)."""
         return None
+
+    def _do_i_compile(self) -> bool:
+        return self.allow_torch_compile and super()._do_i_compile()
 
     @property
     def unwrapped_network(self) -> SemiSegNetwork:
