@@ -436,3 +436,24 @@ def test_vat_direction_survives_float16_autocast():
     assert mixed.dtype == torch.float32
     cosine = (reference * mixed).flatten(1).sum(1)
     assert bool((cosine > 0.8).all()), cosine
+
+
+def test_row_batchnorm_matches_batchnorm1d_and_stays_per_rank():
+    from nnunetv2_semiseg.networks.ssnet_heads import RowBatchNorm
+    torch.manual_seed(0)
+    ours, ref = RowBatchNorm(5), nn.BatchNorm1d(5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(5))
+        ref.weight.copy_(ours.weight)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    for _ in range(3):
+        x = torch.randn(7, 5) * 3 + 1
+        assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    assert torch.allclose(ours.running_mean, ref.running_mean) and torch.allclose(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == 3
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 5)
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    # nnU-Net's DDP set-up converts _BatchNorm layers to SyncBatchNorm; the heads must stay per rank
+    heads = nn.SyncBatchNorm.convert_sync_batchnorm(SSNetHeads(8, 3))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in heads.modules())

@@ -8,11 +8,38 @@ The heads act on per-voxel vectors (rows), so the module is the same for 2D and 
 network wrapper (``network.heads.*``) so that they are trained with the student and DDP sees them; inference never
 calls them (``SemiSegNetwork.forward(x)`` ignores ``heads``), and the plain export drops their keys.
 """
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+class RowBatchNorm(nn.Module):
+    """``nn.BatchNorm1d`` over rows (n, C): same parameters, buffers, state-dict keys and arithmetic.
+
+    Deliberately not a ``_BatchNorm`` subclass: nnU-Net's DDP set-up runs ``convert_sync_batchnorm`` on the whole
+    network, and SyncBatchNorm needs every rank to call each layer equally often, whereas the selectors of a class
+    are only called on ranks whose batch holds that class. The heads therefore normalise per rank, as the
+    single-GPU original does; their running statistics are kept in sync by DDP's buffer broadcast.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer('running_mean', torch.zeros(num_features))
+        self.register_buffer('running_var', torch.ones(num_features))
+        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int, activation: nn.Module) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), activation,
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), RowBatchNorm(hidden_dim), activation,
                          nn.Linear(hidden_dim, out_dim))
 
 

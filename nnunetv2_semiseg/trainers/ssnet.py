@@ -52,6 +52,9 @@ class nnUNetTrainerSSNet(nnUNetTrainerSemiSupervised):
     rampup_length = 0.4                         # fraction of training (LA: 6000 / 15000 iterations)
 
     loss_term_names = ('sup', 'lds', 'cs')
+    # The training call passes a fresh closure through the network and runs autograd.grad, top-k and
+    # data-dependent indexing inside it: torch.compile would trace it anew every step.
+    allow_torch_compile = False
 
     @classmethod
     def build_training_heads(cls, base_network: nn.Module, num_output_channels: int) -> Optional[nn.Module]:

@@ -139,8 +139,9 @@ class PrototypeSeparation:
             for c in self.class_indices:
                 idx = (target_masks[c] & prediction_masks[c]).reshape(-1).nonzero(as_tuple=False).squeeze(1)
                 if idx.numel() > 0:
-                    candidates = heads.project(gather_voxel_features(features, idx).float())
-                    scores = heads.feature_score(c, candidates)
+                    # float32 on every rank (autocast would give float16): all_gather needs equal dtypes
+                    candidates = heads.project(gather_voxel_features(features, idx).float()).float()
+                    scores = heads.feature_score(c, candidates).float()
                     candidates, scores = select_prototypes(candidates, scores, self.num_prototypes, self.memory.keep)
                 else:
                     candidates = features.new_zeros((0, self.memory.dim), dtype=torch.float32)
