@@ -58,6 +58,7 @@ DEFAULT_DATA = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'la_h
 CASE_FOLDER = '2018LA_Seg_Training Set'
 SPLIT_DIR = os.path.join(REPO, 'dataset_conversion', 'splits')
 TARGET_SPACING = 2.5
+SMOKE_SPACING = 5.0  # the smoke run only checks the path: smaller images, faster
 CONFIGURATION = '3d_fullres'
 PLANS = 'nnUNetPlans'
 FOLD = 'all'
@@ -239,6 +240,7 @@ def train(args, dataset_id: int, trainer: str, tag: str) -> Dict:
     folder = model_folder(args.work, dataset_id, trainer)
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run: one training log, no stale checkpoint
     log(f'training {trainer} on Dataset{dataset_id} (fold {FOLD}); log: {folder}')
+    load_before = os.getloadavg()[0]
     started = time.time()
     run_step(['nnUNetv2_train', str(dataset_id), CONFIGURATION, FOLD, '-tr', trainer, '-p', PLANS,
               '-device', args.device], schedule_env(args), os.path.join(args.work, 'logs', f'{tag}.log'))
@@ -252,7 +254,7 @@ def train(args, dataset_id: int, trainer: str, tag: str) -> Dict:
     num_epochs = len(epoch_times)
     iterations = trainer_iterations(args, folder)
     median_epoch = statistics.median(epoch_times) if epoch_times else float('nan')
-    return {'train_wall_s': wall, 'epochs': num_epochs, 'iterations_per_epoch': iterations,
+    return {'train_wall_s': wall, 'load_avg_1min': [load_before, os.getloadavg()[0]], 'epochs': num_epochs, 'iterations_per_epoch': iterations,
             'median_epoch_s': median_epoch, 's_per_iteration': median_epoch / iterations if iterations else None}
 
 
@@ -354,22 +356,31 @@ def load_results(path: str) -> Dict:
 
 
 def merge_row(args, results: Dict, row: Dict) -> None:
-    results['methods'][row['method']] = row
-    results['settings'] = settings(args)
+    """Merge one method's row into the results JSON (re-read under a lock: methods may run in parallel calls)
+    and regenerate the markdown section."""
+    import fcntl
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    tmp = args.results + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, args.results)
-    render(args, results)
+    with open(args.results + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fresh = load_results(args.results)
+        fresh['methods'][row['method']] = row
+        fresh['settings'] = settings(args)
+        tmp = args.results + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(fresh, f, indent=1, sort_keys=True)
+        os.replace(tmp, args.results)
+        results.clear()
+        results.update(fresh)
+        render(args, results)
 
 
 def settings(args) -> Dict:
     epochs, iterations, val_iterations = args.schedule_values
-    return {'labeled': args.labeled_label, 'spacing_mm': TARGET_SPACING, 'schedule': args.schedule,
+    return {'labeled': args.labeled_label, 'spacing_mm': args.spacing, 'schedule': args.schedule,
             'epochs': epochs, 'iterations_per_epoch': iterations, 'val_iterations_per_epoch': val_iterations,
             'seed': args.seed, 'device': args.device, 'num_workers_DA': args.num_workers,
-            'tta': not args.disable_tta, 'data': os.path.relpath(args.data, REPO)}
+            'tta': not args.disable_tta, 'data': os.path.relpath(args.data, REPO),
+            'num_train': getattr(args, 'num_train', None), 'num_test': getattr(args, 'num_test', None)}
 
 
 def _fmt(value, digits=2, scale=1.0) -> str:
@@ -378,9 +389,18 @@ def _fmt(value, digits=2, scale=1.0) -> str:
     return f'{value * scale:.{digits}f}'
 
 
+def schedule_flags(s: Dict) -> str:
+    if s['schedule'] == 'full':
+        return ' --schedule full'
+    if s['schedule'] not in ('default', 'smoke'):
+        return f' --epochs {s["epochs"]} --iterations-per-epoch {s["iterations_per_epoch"]} ' \
+               f'--val-iterations {s["val_iterations_per_epoch"]}'
+    return ''
+
+
 def render(args, results: Dict) -> None:
     rows = results['methods']
-    s = results.get('settings', settings(args))
+    s = results.get('settings') or settings(args)
     a, b = rows.get('supervised_a'), rows.get('supervised_b')
     order = [m for m in DEFAULT_METHODS if m in rows] + sorted(m for m in rows if m not in DEFAULT_METHODS)
     epochs, iterations = s['epochs'], s['iterations_per_epoch']
@@ -388,16 +408,17 @@ def render(args, results: Dict) -> None:
         "nnU-Net's full schedule (1000 epochs x 250 iterations)"
     lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}', '',
              f'`benchmarks/accuracy_la.py` ({s["data"]}: the first 20 training IDs and first 4 test IDs of the '
-             f'UA-MT split), converted with `nnUNetv2_semiseg_convert_LA` and resampled to {s["spacing_mm"]} mm '
-             f'isotropic. (a) = {s["labeled"]} labeled + the other training cases unlabeled, (b) = all 20 '
-             f'labeled; same 4 test cases. Stock `nnUNetv2_plan_and_preprocess` (`3d_fullres`, `nnUNetPlans`), '
+             f'UA-MT split; here {s.get("num_train") or 20} training and {s.get("num_test") or 4} test cases), '
+             f'converted with `nnUNetv2_semiseg_convert_LA` and resampled to {s["spacing_mm"]} mm '
+             f'isotropic. (a) = {s["labeled"]} labeled + the other training cases unlabeled, (b) = all training '
+             f'cases labeled (the upper bound); the same test cases for all. Stock `nnUNetv2_plan_and_preprocess` (`3d_fullres`, `nnUNetPlans`), '
              f'fold `all`, {total}, {s["val_iterations_per_epoch"] or 50} validation iterations per epoch, seed '
              f'{s["seed"]} (`nnUNet_semiseg_seed`), `nnUNet_n_proc_DA={s["num_workers_DA"]}`, prediction of the '
              f'test cases with `checkpoint_final.pth` {"with" if s["tta"] else "without"} mirroring TTA. '
              f'Results JSON: `{os.path.relpath(args.results, REPO)}`.', '',
              '| method | trainer | training data | Dice % | Jaccard % | 95HD vox (mm) | ASD vox (mm) | '
-             'Dice % LCC | gap closed | train wall | s/it | measured |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             'Dice % LCC | gap closed | train wall | s/it | load avg | measured |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for name in order:
         r = rows[name]
         m, ml = r['metrics'], r['metrics_lcc']
@@ -412,18 +433,21 @@ def render(args, results: Dict) -> None:
             f'| {name} | `{r["trainer"]}` | {r["dataset"]} | {_fmt(m["dice"], 2, 100)} | '
             f'{_fmt(m["jaccard"], 2, 100)} | {_fmt(m["hd95_voxel"])} ({_fmt(m["hd95_mm"], 1)}) | '
             f'{_fmt(m["asd_voxel"])} ({_fmt(m["asd_mm"], 1)}) | {_fmt(ml["dice"], 2, 100)} | {gap_text} | '
-            f'{r["train_wall_s"] / 60:.1f} min | {_fmt(r["s_per_iteration"], 3)} | {r["date"]} |')
+            f'{r["train_wall_s"] / 60:.1f} min | {_fmt(r["s_per_iteration"], 3)} | '
+            f'{"/".join(f"{x:.1f}" for x in r.get("load_avg_1min", [])) or "n/a"} | {r["date"]} |')
     machines = sorted({f'{r["machine"]["cpu"]}, {r["machine"]["cores"]} cores' +
                        (f', {r["machine"]["gpu"]}' if r['machine'].get('gpu') else '') +
                        f', torch {r["machine"]["torch"]}, nnunetv2 {r["machine"].get("nnunetv2", "?")}'
                        for r in rows.values()})
-    lines += ['', f'Machine: {"; ".join(machines)}. Train wall = the whole `nnUNetv2_train` command (start-up, '
+    lines += ['', f'Machine: {"; ".join(machines) or "n/a (nothing measured yet)"}. Train wall = the whole `nnUNetv2_train` command (start-up, '
                   f'training, nnU-Net\'s final validation, which on fold `all` predicts the training cases); s/it = '
                   f'median epoch time of the training log / iterations per epoch (includes the few validation '
                   f'iterations of each epoch). Gap closed = (Dice - Dice supervised_a) / (Dice supervised_b - Dice '
                   f'supervised_a). Distances in voxels of the 2.5 mm grid (mm in brackets; not comparable with the '
                   f"papers' voxel numbers on the 0.625 mm grid). LCC = largest connected component kept (SS-Net/BCP "
-                  f'protocol); the main columns are without it.']
+                  f'protocol); the main columns are without it. Load avg = the machine\'s 1-minute load average '
+                  f'before/after training (the box is shared: a load above the core count slows every run and '
+                  f'inflates the times).']
     extra = [f'`selftrain`: teacher = the `supervised_a` model ({rows["selftrain"]["teacher_train_wall_s"] / 60:.1f} '
              f'min), pseudo-labelling {rows["selftrain"]["pseudolabel_s"] / 60:.1f} min, plus planning the union; '
              f'train wall is the student only.'] if 'selftrain' in rows else []
@@ -431,8 +455,9 @@ def render(args, results: Dict) -> None:
     if missing:
         extra.append('Not yet measured: ' + ', '.join(
             f'`{m}` (run `python benchmarks/accuracy_la.py --method {m}'
-            f'{" --labeled 1" if s["labeled"] == 1 else ""}{" --schedule full" if s["schedule"] == "full" else ""}`)'
+            f'{" --labeled 1" if s["labeled"] == 1 else ""}{schedule_flags(s)}`)'
             for m in missing) + '.')
+    extra += results.get('notes', [])
     if extra:
         lines += [''] + extra
     os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
@@ -450,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--schedule', choices=('default', 'full'), default='default',
                    help='default: 20 epochs x 50 iterations (1000), 5 validation iterations; full: nnU-Net\'s '
                         '1000 x 250 (for a GPU)')
+    p.add_argument('--epochs', type=int, default=None,
+                   help='custom schedule: epochs (with --iterations-per-epoch; results go to their own JSON and '
+                        'markdown section, tagged with the total iterations)')
+    p.add_argument('--iterations-per-epoch', dest='iterations_per_epoch', type=int, default=None)
+    p.add_argument('--val-iterations', dest='val_iterations', type=int, default=None,
+                   help='validation iterations per epoch for a custom schedule (default 5)')
     p.add_argument('--data', default=DEFAULT_DATA, help='the LA h5 subset (default: ../shared/data/la_h5_uamt_subset)')
     p.add_argument('--work', default=None, help='working folder, reused across calls (default: '
                                                 '<tmp>/semiseg_accuracy_la, smoke: <tmp>/semiseg_accuracy_la_smoke)')
@@ -462,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    'smoke: in the work folder)')
     p.add_argument('--markdown', default=None, help='markdown file (default: docs/benchmarks.md; smoke: in the work '
                                                     'folder)')
+    p.add_argument('--note', default=None,
+                   help='with --render-only: store this note in the results JSON (shown under the table); '
+                        '"" clears the notes')
     p.add_argument('--render-only', dest='render_only', action='store_true',
                    help='only rebuild the markdown table from the results JSON')
     p.add_argument('--smoke', action='store_true', help='a few iterations on 2 labeled + 2 unlabeled + 1 test case')
@@ -474,11 +508,18 @@ def main(argv=None) -> int:
     if args.smoke:
         args.schedule = 'smoke'
         args.disable_tta = True
+    if args.epochs is not None or args.iterations_per_epoch is not None:
+        if args.epochs is None or args.iterations_per_epoch is None or args.smoke:
+            raise SystemExit('--epochs and --iterations-per-epoch go together (and not with --smoke)')
+        args.schedule = f'it{args.epochs * args.iterations_per_epoch}'
+        SCHEDULES[args.schedule] = (args.epochs, args.iterations_per_epoch, args.val_iterations or 5)
     args.schedule_values = SCHEDULES[args.schedule]
+    args.spacing = SMOKE_SPACING if args.smoke else TARGET_SPACING
     args.labeled_label = args.labeled
-    tag = 'smoke' if args.smoke else f'labeled{args.labeled}' + ('' if args.schedule == 'default' else '_full')
+    tag = 'smoke' if args.smoke else f'labeled{args.labeled}' + ('' if args.schedule == 'default' else
+                                                                 f'_{args.schedule}')
     args.results_tag = tag
-    args.section_key = f'accuracy_la:{args.device}:{tag}'
+    args.section_key = f'accuracy_la:{args.device}:{tag.replace("_", ":")}'
     if args.work is None:
         args.work = os.path.join(tempfile.gettempdir(), 'semiseg_accuracy_la' + ('_smoke' if args.smoke else ''))
     args.work = os.path.abspath(args.work)
@@ -491,6 +532,12 @@ def main(argv=None) -> int:
             os.path.join(REPO, 'docs', 'benchmarks.md')
     results = load_results(args.results)
     if args.render_only:
+        if args.note is not None:
+            results['notes'] = [args.note] if args.note else []
+            results.setdefault('settings', settings(args))
+            os.makedirs(os.path.dirname(args.results), exist_ok=True)
+            with open(args.results, 'w') as f:
+                json.dump(results, f, indent=1, sort_keys=True)
         render(args, results)
         return 0
     methods = args.method or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)
@@ -505,17 +552,18 @@ def main(argv=None) -> int:
     test_ids = [c for c in read_ids(os.path.join(SPLIT_DIR, 'la_test.txt')) if c in present]
     if args.smoke:
         train_ids, test_ids = train_ids[:4], test_ids[:1]
+    args.num_train, args.num_test = len(train_ids), len(test_ids)
     os.makedirs(os.path.join(args.work, 'logs'), exist_ok=True)
     log(f'work folder {args.work}; {len(train_ids)} training and {len(test_ids)} test cases; methods {methods}')
 
     budget = 'smoke' if args.smoke else args.labeled
     ids = {'a': DATASET_IDS[('a', budget)], 'self': DATASET_IDS[('self', budget)], 'b': DATASET_IDS[('b', None)]}
-    raw = {'a': prepare_raw(args.work, args.data, ids['a'], f'LA25mm_L{args.labeled}' + ('smoke' if args.smoke else ''),
-                            args.labeled, train_ids, test_ids, TARGET_SPACING)}
+    raw = {'a': prepare_raw(args.work, args.data, ids['a'], f'LA25mm_L{args.labeled}' if not args.smoke else 'LA5mm_smoke',
+                            args.labeled, train_ids, test_ids, args.spacing)}
     plan_and_preprocess(args.work, ids['a'], with_unlabeled=True)
     if 'supervised_b' in methods:
         raw['b'] = prepare_raw(args.work, args.data, ids['b'], f'LA25mm_L{len(train_ids)}', len(train_ids),
-                               train_ids, test_ids, TARGET_SPACING)
+                               train_ids, test_ids, args.spacing)
         plan_and_preprocess(args.work, ids['b'], with_unlabeled=False)
     for method in methods:
         log(f'=== {method} ===')
