@@ -419,6 +419,8 @@ def render(args, results: Dict) -> None:
              '| method | trainer | training data | Dice % | Jaccard % | 95HD vox (mm) | ASD vox (mm) | '
              'Dice % LCC | gap closed | train wall | s/it | load avg | measured |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    if not rows:
+        lines[-2:] = ['No results on this schedule yet.']
     for name in order:
         r = rows[name]
         m, ml = r['metrics'], r['metrics_lcc']
