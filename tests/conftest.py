@@ -48,8 +48,11 @@ class Workspace:
     def model_folder(self, trainer: str, configuration: str = '3d_fullres') -> str:
         return os.path.join(self.results, f'{trainer}__{self.plans}__{configuration}')
 
-    def train_env(self, epochs: int = 1, iterations: int = 2, val_iterations: int = 1) -> Dict[str, str]:
-        return training_env(self.env, epochs, iterations, val_iterations)
+    def train_env(self, epochs: int = 1, iterations: int = 2, val_iterations: int = 1,
+                  final_validation: bool = False) -> Dict[str, str]:
+        """Env for a short run. nnU-Net's final validation (slow on CPU) is skipped unless asked for; the
+        tests that check it, and every ``--val`` run, pass final_validation=True."""
+        return training_env(self.env, epochs, iterations, val_iterations, final_validation=final_validation)
 
     def run(self, *command: str, env=None) -> str:
         return run_step(list(command), env if env is not None else self.train_env())

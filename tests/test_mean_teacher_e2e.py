@@ -40,7 +40,7 @@ def _read(path):
 def test_train_resume_val_predict_export(workspace, tmp_path):
     ws = workspace
     ws.run('nnUNetv2_train', '901', '3d_fullres', '0', '-tr', TRAINER, '-p', ws.plans, '-device', 'cpu',
-           env=ws.train_env(epochs=1, iterations=2))
+           env=ws.train_env(epochs=1, iterations=2, final_validation=True))
     fold = os.path.join(ws.model_folder(TRAINER), 'fold_0')
     final = _load(os.path.join(fold, 'checkpoint_final.pth'))
     assert final['trainer_name'] == TRAINER
@@ -59,7 +59,8 @@ def test_train_resume_val_predict_export(workspace, tmp_path):
     assert os.path.isfile(os.path.join(fold, 'validation', 'summary.json'))
     teacher_after_run1 = final['semiseg']['teacher_weights'][key].clone()
 
-    # --c with a longer schedule: continues at epoch 1, restores teacher and logged terms.
+    # --c with a longer schedule: continues at epoch 1, restores teacher and logged terms. (Final validation is
+    # skipped from here on: it was checked above, and --val checks it again below.)
     ws.run('nnUNetv2_train', '901', '3d_fullres', '0', '-tr', TRAINER, '-p', ws.plans, '-device', 'cpu', '--c',
            env=ws.train_env(epochs=2, iterations=2))
     resumed = _load(os.path.join(fold, 'checkpoint_final.pth'))
@@ -75,7 +76,8 @@ def test_train_resume_val_predict_export(workspace, tmp_path):
 
     # --val on the final checkpoint.
     os.remove(os.path.join(fold, 'validation', 'summary.json'))
-    ws.run('nnUNetv2_train', '901', '3d_fullres', '0', '-tr', TRAINER, '-p', ws.plans, '-device', 'cpu', '--val')
+    ws.run('nnUNetv2_train', '901', '3d_fullres', '0', '-tr', TRAINER, '-p', ws.plans, '-device', 'cpu', '--val',
+           env=ws.train_env(final_validation=True))
     assert os.path.isfile(os.path.join(fold, 'validation', 'summary.json'))
 
     # Stock predict: strict load of network_weights into build_network_architecture's network.
@@ -134,7 +136,7 @@ def test_region_based_dataset_trains_and_predicts(tmp_path):
     raw = make_synthetic_dataset(env['nnUNet_raw'], 902, 'SemiSegRegions', num_labeled=3, num_unlabeled=2,
                                  num_test=1, shape=(16, 32, 32), num_classes=2, regions=True, seed=2)
     plan_and_preprocess_tiny(env, 902, ('3d_fullres',), patch_3d=(16, 32, 32))
-    train_env = training_env(env, 1, 2, 1)
+    train_env = training_env(env, 1, 2, 1, final_validation=False)
     run_step(['nnUNetv2_train', '902', '3d_fullres', 'all', '-tr', TRAINER, '-p', 'nnUNetPlansTiny', '-device',
               'cpu'], train_env)
     final = _load(os.path.join(env['nnUNet_results'], 'Dataset902_SemiSegRegions',

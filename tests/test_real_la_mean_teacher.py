@@ -63,7 +63,7 @@ def test_real_la_volumes_plan_preprocess_unlabeled_and_train_mean_teacher(tmp_pa
     assert plans['configurations']['3d_fullres']['spacing'] == [0.625, 0.625, 0.625]
 
     run_step(['nnUNetv2_train', '961', '3d_fullres', 'all', '-tr', 'nnUNetTrainerMeanTeacher', '-p',
-              'nnUNetPlansTiny', '-device', 'cpu'], training_env(env, 1, 2, 1))
+              'nnUNetPlansTiny', '-device', 'cpu'], training_env(env, 1, 2, 1, final_validation=False))
     final = torch.load(os.path.join(env['nnUNet_results'], 'Dataset961_LAReal',
                                     'nnUNetTrainerMeanTeacher__nnUNetPlansTiny__3d_fullres', 'fold_all',
                                     'checkpoint_final.pth'), map_location='cpu', weights_only=False)

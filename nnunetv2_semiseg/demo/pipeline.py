@@ -30,7 +30,7 @@ def nnunet_env(base: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, s
 
 
 def training_env(env: Dict[str, str], num_epochs: int, iterations_per_epoch: int, val_iterations: int = 1,
-                 num_workers: int = 0) -> Dict[str, str]:
+                 num_workers: int = 0, final_validation: bool = True) -> Dict[str, str]:
     """Env for training/prediction: schedule overrides and CPU-friendly worker counts.
 
     ``nnUNet_n_proc_DA=0`` runs augmentation in-process; it must not be set for planning (nnU-Net 2.8.1's
@@ -41,6 +41,10 @@ def training_env(env: Dict[str, str], num_epochs: int, iterations_per_epoch: int
                 'nnUNet_semiseg_iterations_per_epoch': str(iterations_per_epoch),
                 'nnUNet_semiseg_val_iterations_per_epoch': str(val_iterations),
                 'nnUNet_n_proc_DA': str(num_workers), 'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'false'})
+    if final_validation:
+        env.pop('nnUNet_semiseg_skip_final_validation', None)
+    else:
+        env['nnUNet_semiseg_skip_final_validation'] = '1'
     return env
 
 

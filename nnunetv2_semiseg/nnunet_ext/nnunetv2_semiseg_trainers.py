@@ -1,7 +1,8 @@
 # Discovery shim for nnU-Net's trainer search (nnUNet_extTrainer). nnU-Net imports every module of this folder as
 # a top-level module, so this file only re-exports our trainers by absolute import: the classes keep their
 # canonical module (picklable, one class object per process). Keep this folder free of anything else.
-from nnunetv2_semiseg.trainers.mean_teacher import nnUNetTrainerMeanTeacher  # noqa: F401
+from nnunetv2_semiseg.trainers.mean_teacher import (nnUNetTrainerMeanTeacher,  # noqa: F401
+                                                    nnUNetTrainerMeanTeacher_consistencyAllRows)
 from nnunetv2_semiseg.trainers.schedule import nnUNetTrainer_semisegSchedule  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_lowestScorePrototypes  # noqa: F401

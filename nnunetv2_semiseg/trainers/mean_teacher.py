@@ -8,7 +8,10 @@ Recipe of SSL4MIS adapted to nnU-Net:
     teacher <- EMA of the student, alpha = min(1 - 1/(step + 1), 0.99)
 
 L_sup is nnU-Net's deep-supervised DC+CE on the labeled rows; the consistency uses the full-resolution output
-of the unlabeled rows (and of the labeled rows, as in SSL4MIS where the whole batch enters the consistency).
+of the unlabeled rows, as SSL4MIS ``train_mean_teacher_3D.py`` does (``outputs_soft[labeled_bs:]`` against the
+teacher's prediction of the noisy unlabeled volumes). ``nnUNetTrainerMeanTeacher_consistencyAllRows`` adds the
+labeled rows to the consistency (Tarvainen & Valpola apply it to every sample); it costs one more teacher forward
+on the labeled batch.
 """
 from typing import Dict, List
 
@@ -27,7 +30,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
     consistency_ramp_length = 0.4          # fraction of training over which the weight ramps up
     teacher_noise_std = 0.1
     teacher_noise_clip = 0.2
-    consistency_on_labeled_rows = True
+    consistency_on_labeled_rows = False     # SSL4MIS: unlabeled rows only
     loss_term_names = ('sup', 'cons')
 
     def initialize(self):
@@ -72,3 +75,8 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
         else:
             # e.g. starting from a plain nnU-Net checkpoint: the teacher starts as the student.
             self.teacher.load_state_dict(self.unwrapped_network.state_dict())
+
+
+class nnUNetTrainerMeanTeacher_consistencyAllRows(nnUNetTrainerMeanTeacher):
+    """Consistency on labeled and unlabeled rows (the original Mean Teacher applies it to every sample)."""
+    consistency_on_labeled_rows = True

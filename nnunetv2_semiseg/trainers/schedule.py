@@ -8,6 +8,8 @@ additionally honour these variables so one trained class can be run on any sched
     nnUNet_semiseg_val_iterations_per_epoch    -> num_val_iterations_per_epoch
 
     nnUNet_semiseg_seed                        -> seeds python, numpy and torch at trainer construction
+    nnUNet_semiseg_skip_final_validation=1     -> no final validation after training (quick smoke runs; an
+                                                  explicit ``--val`` run without the variable validates as usual)
 
 Ramp-ups are fractions of the total iterations, so they scale with the schedule.
 """
@@ -53,6 +55,14 @@ def apply_schedule_overrides(trainer) -> None:
     trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs))
 
 
+def final_validation_skipped(trainer) -> bool:
+    """True (and says so in the log) when nnUNet_semiseg_skip_final_validation is set to 1/true."""
+    if os.environ.get('nnUNet_semiseg_skip_final_validation', '').strip().lower() in ('1', 'true', 'yes'):
+        trainer.print_to_log_file('Final validation skipped: nnUNet_semiseg_skip_final_validation is set.')
+        return True
+    return False
+
+
 class nnUNetTrainer_semisegSchedule(nnUNetTrainer):
     """Stock ``nnUNetTrainer`` (supervised, labeled cases only) that honours the schedule variables above.
 
@@ -63,3 +73,7 @@ class nnUNetTrainer_semisegSchedule(nnUNetTrainer):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_overrides(self)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not final_validation_skipped(self):
+            super().perform_actual_validation(save_probabilities)

@@ -32,7 +32,7 @@ from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, preproc
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
-from nnunetv2_semiseg.trainers.schedule import apply_schedule_overrides
+from nnunetv2_semiseg.trainers.schedule import apply_schedule_overrides, final_validation_skipped
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
 
 
@@ -171,6 +171,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def next_unlabeled_batch(self) -> Dict[str, torch.Tensor]:
         batch = next(self.dataloader_unlabeled)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not final_validation_skipped(self):
+            super().perform_actual_validation(save_probabilities)
 
     def on_train_end(self):
         super().on_train_end()
