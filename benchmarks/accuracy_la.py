@@ -460,8 +460,8 @@ def render(args, results: Dict) -> None:
             f'{" --labeled 1" if s["labeled"] == 1 else ""}{schedule_flags(s)}`)'
             for m in missing) + '.')
     extra += results.get('notes', [])
-    if extra:
-        lines += [''] + extra
+    for paragraph in extra:
+        lines += ['', paragraph]
     os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
     replace_section(args.markdown, args.section_key, '\n'.join(lines))
     log(f'table written to {args.markdown} (section {args.section_key})')
