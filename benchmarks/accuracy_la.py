@@ -406,7 +406,8 @@ def render(args, results: Dict) -> None:
     epochs, iterations = s['epochs'], s['iterations_per_epoch']
     total = f'{epochs * iterations} iterations ({epochs} epochs x {iterations})' if epochs else \
         "nnU-Net's full schedule (1000 epochs x 250 iterations)"
-    lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}', '',
+    length = f'{epochs * iterations} iterations' if epochs else "nnU-Net's full schedule"
+    lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}, {length}', '',
              f'`benchmarks/accuracy_la.py` ({s["data"]}: the first 20 training IDs and first 4 test IDs of the '
              f'UA-MT split; here {s.get("num_train") or 20} training and {s.get("num_test") or 4} test cases), '
              f'converted with `nnUNetv2_semiseg_convert_LA` and resampled to {s["spacing_mm"]} mm '
