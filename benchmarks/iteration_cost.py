@@ -93,7 +93,13 @@ def measure_in_this_process(trainer_name: str, plans_name: str, device: str, ite
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    result = {'trainer': trainer_name, 'median_s': statistics.median(times), 'min_s': min(times),
+    # Floating-point operations of one whole training step (forward, backward, extra passes), counted by torch:
+    # independent of machine load, unlike the seconds.
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flop_counter:
+        trainer.train_step(next(trainer.dataloader_train))
+    result = {'trainer': trainer_name, 'median_s': statistics.median(times),
+              'gflops_per_step': flop_counter.get_total_flops() / 1e9, 'min_s': min(times),
               'max_s': max(times), 'iterations': iterations, 'warmup': warmup,
               'batch_size': trainer.batch_size,
               'unlabeled_batch_size': getattr(trainer, 'unlabeled_batch_size_per_rank', None),
@@ -130,13 +136,16 @@ def markdown_table(results, device, plans_name, machine) -> str:
              f'Median of {results[0]["iterations"]} iterations after {results[0]["warmup"]} warm-up, fastest of '
              f'{results[0]["repeats"]} interleaved repeats per trainer; '
              f'measured {time.strftime("%Y-%m-%d")}.', '',
-             '| trainer | s / iteration (median) | ratio to nnUNetTrainer | peak memory (MB) | memory ratio |',
-             '|---|---|---|---|---|']
+             '| trainer | s / iteration (median) | ratio to nnUNetTrainer | GFLOP / step | FLOP ratio | '
+             'peak memory (MB) | memory ratio |',
+             '|---|---|---|---|---|---|---|']
     for r in results:
         ratio = r['median_s'] / base['median_s'] if base else float('nan')
         mem_ratio = r['peak_memory_mb'] / base['peak_memory_mb'] if base else float('nan')
-        lines.append(f'| {r["trainer"]} | {r["median_s"]:.3f} | {ratio:.2f}x | {r["peak_memory_mb"]:.0f} | '
-                     f'{mem_ratio:.2f}x |')
+        flops = r.get('gflops_per_step', float('nan'))
+        flop_ratio = flops / base['gflops_per_step'] if base and base.get('gflops_per_step') else float('nan')
+        lines.append(f'| {r["trainer"]} | {r["median_s"]:.3f} | {ratio:.2f}x | {flops:.1f} | {flop_ratio:.2f}x | '
+                     f'{r["peak_memory_mb"]:.0f} | {mem_ratio:.2f}x |')
     lines.append('')
     lines.append(f'Memory: {results[0]["memory_kind"]}.')
     return '\n'.join(lines)
@@ -190,7 +199,7 @@ def main(argv=None):
         print(f'measuring {name} ...', flush=True)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--_measure', name, '--_plans_name',
                                plans_name, '--device', args.device, '--iterations', str(args.iterations),
-                               '--warmup', str(args.warmup)], env=env, capture_output=True, text=True)
+                               '--warmup', str(args.warmup)], env=env, capture_output=True, encoding='utf-8', errors='replace')
         line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
         if proc.returncode != 0 or not line:
             print(f'  FAILED:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}', file=sys.stderr)

@@ -21,6 +21,7 @@ class StepFailed(RuntimeError):
 def nnunet_env(base: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Environment with nnUNet_raw/preprocessed/results under ``base``."""
     env = dict(os.environ)
+    env['PYTHONIOENCODING'] = 'utf-8'  # children print UTF-8 progress bars; run_step decodes UTF-8
     env.update({'nnUNet_raw': os.path.join(base, 'nnUNet_raw'),
                 'nnUNet_preprocessed': os.path.join(base, 'nnUNet_preprocessed'),
                 'nnUNet_results': os.path.join(base, 'nnUNet_results')})
@@ -52,7 +53,7 @@ def run_step(command: Sequence[str], env: Dict[str, str], log_file: Optional[str
              timeout: Optional[float] = None) -> str:
     """Run one console command; raise StepFailed with the tail of its output if it fails."""
     started = time.time()
-    proc = subprocess.run(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.run(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
                           timeout=timeout)
     if log_file is not None:
         with open(log_file, 'a') as f:
