@@ -360,7 +360,7 @@ def merge_row(args, results: Dict, row: Dict) -> None:
     and regenerate the markdown section."""
     import fcntl
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results + '.lock', 'w') as lock:
+    with open(os.path.join(args.work, 'results.lock'), 'w') as lock:  # parallel calls share --work
         fcntl.flock(lock, fcntl.LOCK_EX)
         fresh = load_results(args.results)
         fresh['methods'][row['method']] = row
