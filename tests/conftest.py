@@ -81,3 +81,29 @@ def workspace(tiny_dataset, tmp_path) -> Workspace:
         shutil.copytree(os.path.join(tiny_dataset.base, sub), os.path.join(base, sub), symlinks=True)
     os.makedirs(os.path.join(base, 'nnUNet_results'))
     return Workspace(base)
+
+
+class _InProcessPool:
+    """Stand-in for nnU-Net's spawn Pool: same starmap results, no child processes (fast on a 2-core machine)."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def starmap(self, func, iterable):
+        return [func(*args) for args in iterable]
+
+
+@pytest.fixture
+def verify_dataset_in_process(monkeypatch):
+    """nnU-Net's own ``verify_dataset_integrity`` on a raw dataset folder, with its worker pool run in-process."""
+    import types
+    from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
+    monkeypatch.setattr(vdi, 'multiprocessing',
+                        types.SimpleNamespace(get_context=lambda _method: types.SimpleNamespace(Pool=_InProcessPool)))
+    return lambda folder: vdi.verify_dataset_integrity(str(folder), 1)

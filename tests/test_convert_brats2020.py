@@ -294,33 +294,9 @@ def test_existing_output_needs_overwrite(small_release, tmp_path, monkeypatch, c
     assert sorted(p.name for p in (tmp_path / 'raw').iterdir()) == ['Dataset103_BraTS2020']
 
 
-class _InProcessPool:
-    """Stand-in for nnU-Net's spawn Pool: same starmap results, no child processes (fast on a 2-core machine)."""
-
-    def __init__(self, *_args, **_kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def starmap(self, func, iterable):
-        return [func(*args) for args in iterable]
-
-
-def run_nnunet_verify(monkeypatch, folder: Path) -> None:
-    import types
-    from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
-    monkeypatch.setattr(vdi, 'multiprocessing',
-                        types.SimpleNamespace(get_context=lambda _method: types.SimpleNamespace(Pool=_InProcessPool)))
-    vdi.verify_dataset_integrity(str(folder), 1)
-
-
 @pytest.mark.parametrize('options', [[], ['--modalities', 'all', '--labels', 'regions']])
-def test_output_passes_nnunet_dataset_check(small_release, tmp_path, monkeypatch, options):
+def test_output_passes_nnunet_dataset_check(small_release, tmp_path, verify_dataset_in_process, options):
     """nnU-Net's own verify_dataset_integrity (labels, channels, geometry of imagesTr/labelsTr) accepts the output."""
     release, train, test = small_release
     out = run(['-i', release, '--output', tmp_path / 'raw', '--train-list', train, '--test-list', test] + options)
-    run_nnunet_verify(monkeypatch, out)
+    verify_dataset_in_process(out)

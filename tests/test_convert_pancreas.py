@@ -429,29 +429,9 @@ def test_existing_output_needs_overwrite(tmp_path, monkeypatch, capsys):
     assert not (target / 'marker').exists() and (target / 'labelsTr' / 'PANCREAS_0001.nii.gz').is_file()
 
 
-class _InProcessPool:
-    """Stand-in for nnU-Net's spawn Pool: same starmap results, no child processes (fast on a 2-core machine)."""
-
-    def __init__(self, *_args, **_kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def starmap(self, func, iterable):
-        return [func(*args) for args in iterable]
-
-
-def test_output_passes_nnunet_dataset_check(dicom_release, tmp_path, monkeypatch):
+def test_output_passes_nnunet_dataset_check(dicom_release, tmp_path, verify_dataset_in_process):
     """nnU-Net's own verify_dataset_integrity accepts the DICOM-converted output (incl. the reoriented label)."""
-    import types
-    from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
     out = run(['-i', dicom_release, '--output', tmp_path / 'raw', '--train-list',
                write_list(tmp_path / 'train.txt', ['PANCREAS_0001', 'PANCREAS_0002', 'PANCREAS_0013']),
                '--test-list', write_list(tmp_path / 'test.txt', ['PANCREAS_0064']), '--labeled', 2])
-    monkeypatch.setattr(vdi, 'multiprocessing',
-                        types.SimpleNamespace(get_context=lambda _method: types.SimpleNamespace(Pool=_InProcessPool)))
-    vdi.verify_dataset_integrity(str(out), 1)
+    verify_dataset_in_process(out)
