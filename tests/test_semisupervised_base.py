@@ -144,13 +144,17 @@ def test_unlabeled_loader_two_views_share_spatial_transform(ws):
         trainer.configuration_manager.patch_size, rot, None, mirror, dummy2d))
     assert any(isinstance(t, SpatialTransform) for t in shared.transforms)
     assert per_view.transforms and all(isinstance(t, RandomTransform) for t in per_view.transforms)
-    batch = next(trainer.get_unlabeled_dataloader())
+    augmenter = trainer.get_unlabeled_dataloader()  # in-process (nnUNet_n_proc_DA=0)
+    batch = next(augmenter)
     a, b = batch['data'], batch['data_view2']
     assert a.shape == b.shape == (2, 1, 16, 32, 32)
-    # Same crop/rotation/mirror: the views are strongly correlated voxel by voxel.
-    for i in range(2):
-        corr = np.corrcoef(a[i].flatten().numpy(), b[i].flatten().numpy())[0, 1]
-        assert corr > 0.6
+    # Without the per-view intensity transforms the two views must be identical: crop, rotation, scaling and
+    # mirroring are drawn once per sample and shared (a correlation check would be random: gamma may invert).
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    augmenter.data_loader.view_transforms = ComposeTransforms([])
+    for _ in range(3):
+        batch = next(augmenter)
+        assert torch.equal(batch['data'], batch['data_view2'])
 
 
 def test_checkpoint_roundtrip_of_semiseg_state(ws, tmp_path):
