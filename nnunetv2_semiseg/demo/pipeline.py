@@ -3,6 +3,7 @@
 Used by the demo, the benchmarks and the tests. Every step is a subprocess running the console script, exactly as
 a user would type it, so the trainer search, strict checkpoint loading and CLI parsing are exercised for real.
 """
+import glob
 import json
 import os
 import shutil
@@ -76,17 +77,13 @@ def plan_and_preprocess_tiny(env: Dict[str, str], dataset_id: int, configuration
     run_step(['nnUNetv2_extract_fingerprint', '-d', str(dataset_id), '-np', '1', '--verify_dataset_integrity'],
              planning_env, log_file)
     run_step(['nnUNetv2_plan_experiment', '-d', str(dataset_id)], planning_env, log_file)
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
-    old = os.environ.get('nnUNet_raw')
-    os.environ['nnUNet_raw'] = env['nnUNet_raw']
-    try:
-        dataset_name = convert_id_to_dataset_name(dataset_id)
-    finally:
-        if old is None:
-            os.environ.pop('nnUNet_raw', None)
-        else:
-            os.environ['nnUNet_raw'] = old
-    base = os.path.join(env['nnUNet_preprocessed'], dataset_name)
+    # The planner just created nnUNet_preprocessed/DatasetXXX_Name: find it there rather than through nnU-Net's
+    # lookup, which reads the paths from os.environ instead of ``env``.
+    matches = glob.glob(os.path.join(env['nnUNet_preprocessed'], f'Dataset{dataset_id:03d}_*'))
+    if len(matches) != 1:
+        raise StepFailed(f'Expected one preprocessed folder Dataset{dataset_id:03d}_* in '
+                         f'{env["nnUNet_preprocessed"]}, found {matches}')
+    base = matches[0]
     with open(os.path.join(base, 'nnUNetPlans.json')) as f:
         plans = json.load(f)
     tiny = make_tiny_plans(plans, plans_name, features, patch_3d, patch_2d, batch_size)

@@ -47,14 +47,13 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
         x = torch.cat((data, unlabeled['data']))
         output = self.network(x)
         loss_sup = self.supervised_loss(self.labeled_rows(output, num_labeled), target)
-        seg = output if isinstance(output, (list, tuple)) else [output]
 
         rows = slice(0, None) if self.consistency_on_labeled_rows else slice(num_labeled, None)
         with torch.no_grad():
             x_teacher = x[rows]
             x_teacher = x_teacher + clipped_gaussian_noise(x_teacher, self.teacher_noise_std, self.teacher_noise_clip)
             teacher_probabilities = self.rows_to_probabilities(self.teacher(x_teacher))
-        student_probabilities = self.rows_to_probabilities(seg[0][rows])
+        student_probabilities = self.rows_to_probabilities(self.full_resolution(output)[rows])
         loss_cons = probability_mse(student_probabilities, teacher_probabilities)
 
         loss = loss_sup + self.consistency_weight_now() * loss_cons

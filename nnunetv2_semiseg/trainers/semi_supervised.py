@@ -161,10 +161,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                             pin_memory=self.device.type == 'cuda', wait_time=0.002)
 
     def get_dataloaders(self):
-        # Check first, so a missing unlabeled folder fails before the labeled workers are started.
-        self.check_unlabeled_folder()
-        dataloader_train, dataloader_val = super().get_dataloaders()
+        # Unlabeled first (it checks its folder), so a missing folder fails before the labeled workers start.
         self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        dataloader_train, dataloader_val = super().get_dataloaders()
         _ = next(self.dataloader_unlabeled)
         return dataloader_train, dataloader_val
 
