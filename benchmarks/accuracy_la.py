@@ -65,6 +65,7 @@ FOLD = 'all'
 SUPERVISED_TRAINER = 'nnUNetTrainer_semisegSchedule'
 DEFAULT_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', 'selftrain', 'nnUNetTrainerSSNet']
 SMOKE_METHODS = ['supervised_a', 'nnUNetTrainerMeanTeacher']
+DEFAULT_SEED = 12345
 
 # dataset IDs: (a) per label budget, (b), self-training union per label budget; smoke datasets separately
 DATASET_IDS = {('a', 2): 951, ('b', None): 952, ('a', 1): 953, ('self', 2): 954, ('self', 1): 955,
@@ -407,7 +408,9 @@ def render(args, results: Dict) -> None:
     total = f'{epochs * iterations} iterations ({epochs} epochs x {iterations})' if epochs else \
         "nnU-Net's full schedule (1000 epochs x 250 iterations)"
     length = f'{epochs * iterations} iterations' if epochs else "nnU-Net's full schedule"
-    lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}, {length}', '',
+    seed_flag = f' --seed {s["seed"]}' if s['seed'] != DEFAULT_SEED else ''
+    lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}, {length}'
+             + (f', seed {s["seed"]}' if seed_flag else ''), '',
              f'`benchmarks/accuracy_la.py` ({s["data"]}: the first 20 training IDs and first 4 test IDs of the '
              f'UA-MT split; here {s.get("num_train") or 20} training and {s.get("num_test") or 4} test cases), '
              f'converted with `nnUNetv2_semiseg_convert_LA` and resampled to {s["spacing_mm"]} mm '
@@ -458,7 +461,7 @@ def render(args, results: Dict) -> None:
     if missing:
         extra.append('Not yet measured: ' + ', '.join(
             f'`{m}` (run `python benchmarks/accuracy_la.py --method {m}'
-            f'{" --labeled 1" if s["labeled"] == 1 else ""}{schedule_flags(s)}`)'
+            f'{" --labeled 1" if s["labeled"] == 1 else ""}{schedule_flags(s)}{seed_flag}`)'
             for m in missing) + '.')
     extra += results.get('notes', [])
     for paragraph in extra:
@@ -488,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--work', default=None, help='working folder, reused across calls (default: '
                                                 '<tmp>/semiseg_accuracy_la, smoke: <tmp>/semiseg_accuracy_la_smoke)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    p.add_argument('--seed', type=int, default=12345)
+    p.add_argument('--seed', type=int, default=DEFAULT_SEED,
+                   help='nnUNet_semiseg_seed for every run (a seed other than the default gets its own results JSON '
+                        'and markdown section)')
     p.add_argument('--num-workers', dest='num_workers', type=int, default=0,
                    help='nnUNet_n_proc_DA for training (0 = in-process augmentation, reproducible with the seed)')
     p.add_argument('--disable-tta', dest='disable_tta', action='store_true', help='predict without mirroring')
@@ -521,6 +526,8 @@ def main(argv=None) -> int:
     args.labeled_label = args.labeled
     tag = 'smoke' if args.smoke else f'labeled{args.labeled}' + ('' if args.schedule == 'default' else
                                                                  f'_{args.schedule}')
+    if not args.smoke and args.seed != DEFAULT_SEED:  # another seed = its own JSON and table (seed-to-seed spread)
+        tag += f'_seed{args.seed}'
     args.results_tag = tag
     args.section_key = f'accuracy_la:{args.device}:{tag.replace("_", ":")}'
     if args.work is None:
