@@ -405,9 +405,8 @@ def render(args, results: Dict) -> None:
     a, b = rows.get('supervised_a'), rows.get('supervised_b')
     order = [m for m in DEFAULT_METHODS if m in rows] + sorted(m for m in rows if m not in DEFAULT_METHODS)
     epochs, iterations = s['epochs'], s['iterations_per_epoch']
-    total = f'{epochs * iterations} iterations ({epochs} epochs x {iterations})' if epochs else \
-        "nnU-Net's full schedule (1000 epochs x 250 iterations)"
     length = f'{epochs * iterations} iterations' if epochs else "nnU-Net's full schedule"
+    total = f'{length} ({epochs} epochs x {iterations})' if epochs else f'{length} (1000 epochs x 250 iterations)'
     seed_flag = f' --seed {s["seed"]}' if s['seed'] != DEFAULT_SEED else ''
     lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}, {length}'
              + (f', seed {s["seed"]}' if seed_flag else ''), '',

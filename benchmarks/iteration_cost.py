@@ -199,7 +199,8 @@ def main(argv=None):
         print(f'measuring {name} ...', flush=True)
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--_measure', name, '--_plans_name',
                                plans_name, '--device', args.device, '--iterations', str(args.iterations),
-                               '--warmup', str(args.warmup)], env=env, capture_output=True, encoding='utf-8', errors='replace')
+                               '--warmup', str(args.warmup)], env=env, capture_output=True, encoding='utf-8',
+                              errors='replace')
         line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
         if proc.returncode != 0 or not line:
             print(f'  FAILED:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}', file=sys.stderr)

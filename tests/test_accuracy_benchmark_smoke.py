@@ -24,7 +24,8 @@ def test_accuracy_benchmark_smoke(tmp_path):
     work = tmp_path / 'work'
     docs = os.path.join(REPO, 'docs', 'benchmarks.md')
     proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--work', str(work), '--method', *METHODS],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace', timeout=1200)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
+                          timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:]
 
     with open(work / 'results' / 'accuracy_la_smoke.json') as f:
@@ -74,7 +75,8 @@ def test_render_other_seed_own_section_and_gap_closed(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, '--render-only', '--seed', '7', '--epochs', '3',
                            '--iterations-per-epoch', '4', '--val-iterations', '1', '--results', str(results),
                            '--markdown', str(markdown), '--work', str(tmp_path / 'work')],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace', timeout=300)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     text = markdown.read_text()
     assert '<!-- accuracy_la:cpu:labeled2:it12:seed7:begin -->' in text, text

@@ -217,13 +217,14 @@ def test_trainers_found_by_nnunet_search_in_fresh_interpreter(tmp_path):
             'a = find("nnUNetTrainerMeanTeacher"); b = find("nnUNetTrainerMeanTeacher")\n'
             'print(a.__module__, a is b, len(pickle.dumps(a)) > 0)\n'
             'print(os.environ["nnUNet_extTrainer"])\n')
-    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, encoding='utf-8', errors='replace', check=True).stdout
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, encoding='utf-8', errors='replace',
+                         check=True).stdout
     lines = out.strip().splitlines()
     assert lines[-2] == 'nnunetv2_semiseg.trainers.mean_teacher True True'
     entries = lines[-1].split(os.pathsep)
     assert entries[0] == str(user_dir)  # the user's entry is kept, and searched first
     assert entries[1].endswith(os.path.join('nnunetv2_semiseg', 'nnunet_ext'))
     # The manual fallback prints the same value as an export line.
-    printed = subprocess.run(['nnUNetv2_semiseg_print_export'], env=env, capture_output=True, encoding='utf-8', errors='replace',
-                             check=True).stdout.strip()
+    printed = subprocess.run(['nnUNetv2_semiseg_print_export'], env=env, capture_output=True, encoding='utf-8',
+                             errors='replace', check=True).stdout.strip()
     assert printed == f'export nnUNet_extTrainer="{lines[-1]}"'

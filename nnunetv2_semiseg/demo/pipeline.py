@@ -54,8 +54,8 @@ def run_step(command: Sequence[str], env: Dict[str, str], log_file: Optional[str
              timeout: Optional[float] = None) -> str:
     """Run one console command; raise StepFailed with the tail of its output if it fails."""
     started = time.time()
-    proc = subprocess.run(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
-                          timeout=timeout)
+    proc = subprocess.run(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8',
+                          errors='replace', timeout=timeout)
     if log_file is not None:
         with open(log_file, 'a') as f:
             f.write(f'$ {" ".join(command)}\n{proc.stdout}\n')
