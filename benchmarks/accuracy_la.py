@@ -227,7 +227,10 @@ def schedule_env(args) -> Dict[str, str]:
         env.update({'nnUNet_semiseg_num_epochs': str(epochs), 'nnUNet_semiseg_iterations_per_epoch': str(iterations),
                     'nnUNet_semiseg_val_iterations_per_epoch': str(val_iterations)})
     env.update({'nnUNet_semiseg_seed': str(args.seed), 'nnUNet_n_proc_DA': str(args.num_workers),
-                'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'false'})
+                'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'false',
+                # nnU-Net's final validation on fold 'all' predicts the training cases: its numbers are not used
+                # here and on a CPU it costs minutes per run
+                'nnUNet_semiseg_skip_final_validation': '1'})
     return env
 
 
@@ -289,6 +292,8 @@ def predict_and_evaluate(args, dataset_id: int, trainer: str, raw_a: str, tag: s
     row = {'metrics': {k: float(v) for k, v in plain['foreground_mean'].items()},
            'metrics_lcc': {k: float(v) for k, v in lcc['foreground_mean'].items()},
            'per_case_dice': {c['case']: float(c['metrics']['1']['dice']) for c in plain['per_case']},
+           'per_case_hd95_voxel': {c['case']: float(c['metrics']['1']['hd95_voxel']) for c in plain['per_case']},
+           'test_cases': sorted(c['case'] for c in plain['per_case']),
            'predict_s': predict_s, 'num_test': len([f for f in os.listdir(ref) if f.endswith('.nii.gz')])}
     return row
 
@@ -523,8 +528,21 @@ def main(argv=None) -> int:
     args.schedule_values = SCHEDULES[args.schedule]
     args.spacing = SMOKE_SPACING if args.smoke else TARGET_SPACING
     args.labeled_label = args.labeled
+    case_root = os.path.join(args.data, CASE_FOLDER)
+    if not os.path.isdir(case_root):
+        print(f'LA data not found: {case_root} does not exist (pass --data, the folder containing '
+              f"'{CASE_FOLDER}/')", file=sys.stderr)
+        return 2
+    present = set(os.listdir(case_root))
+    train_ids = [c for c in read_ids(os.path.join(SPLIT_DIR, 'la_train.txt')) if c in present]
+    test_ids = [c for c in read_ids(os.path.join(SPLIT_DIR, 'la_test.txt')) if c in present]
+    if args.smoke:
+        train_ids, test_ids = train_ids[:4], test_ids[:1]
+    args.num_train, args.num_test = len(train_ids), len(test_ids)
     tag = 'smoke' if args.smoke else f'labeled{args.labeled}' + ('' if args.schedule == 'default' else
                                                                  f'_{args.schedule}')
+    if not args.smoke and args.num_test != 4:  # the 12-case protocol: own files, the 4-case tables stay as they were
+        tag += f'_test{args.num_test}'
     if not args.smoke and args.seed != DEFAULT_SEED:  # another seed = its own JSON and table (seed-to-seed spread)
         tag += f'_seed{args.seed}'
     args.results_tag = tag
@@ -551,17 +569,6 @@ def main(argv=None) -> int:
         return 0
     methods = args.method or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)
 
-    case_root = os.path.join(args.data, CASE_FOLDER)
-    if not os.path.isdir(case_root):
-        print(f'LA data not found: {case_root} does not exist (pass --data, the folder containing '
-              f"'{CASE_FOLDER}/')", file=sys.stderr)
-        return 2
-    present = set(os.listdir(case_root))
-    train_ids = [c for c in read_ids(os.path.join(SPLIT_DIR, 'la_train.txt')) if c in present]
-    test_ids = [c for c in read_ids(os.path.join(SPLIT_DIR, 'la_test.txt')) if c in present]
-    if args.smoke:
-        train_ids, test_ids = train_ids[:4], test_ids[:1]
-    args.num_train, args.num_test = len(train_ids), len(test_ids)
     os.makedirs(os.path.join(args.work, 'logs'), exist_ok=True)
     log(f'work folder {args.work}; {len(train_ids)} training and {len(test_ids)} test cases; methods {methods}')
 

@@ -1,0 +1,78 @@
+"""``nnUNetTrainerComposed``: a semi-supervised trainer assembled from :mod:`~nnunetv2_semiseg.trainers.components`.
+
+    L = L_sup(labeled rows) + sum_k w_k(t) * L_k(context)
+
+A method lists its components in :meth:`build_loss_components`; the base runs ONE student forward pass per step
+(inside one call through the possibly DDP-wrapped network), hands every component the same
+:class:`~nnunetv2_semiseg.trainers.components.StepContext`, sums the weighted terms, logs each under its name, calls
+every component after the optimizer step and saves/restores each component's state under
+``checkpoint['semiseg'][component.state_key]``.
+"""
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from nnunetv2_semiseg.trainers.components import LossComponent, StepContext
+from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+
+
+class nnUNetTrainerComposed(nnUNetTrainerSemiSupervised):
+    """Subclasses implement :meth:`build_loss_components` and set ``loss_term_names = ('sup', <names>...)``."""
+
+    def initialize(self):
+        super().initialize()
+        self.loss_components = self.build_loss_components()
+        for component in self.loss_components:
+            component.to(self.device)
+
+    def build_loss_components(self) -> List[LossComponent]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------------------------
+    def student_forward(self, net: nn.Module, x: torch.Tensor) -> dict:
+        """The step's one student pass (override to expose more intermediate outputs)."""
+        return net.forward_with_features(x)
+
+    def make_context(self, net: nn.Module, x: torch.Tensor, target, num_labeled: int) -> StepContext:
+        return StepContext(net=net, x=x, num_labeled=num_labeled, target=target, out=self.student_forward(net, x),
+                           fraction=self.training_fraction(), to_probabilities=self.rows_to_probabilities,
+                           to_hard_labels=self.rows_to_hard_labels, has_regions=self.label_manager.has_regions,
+                           step=self.global_iteration)
+
+    def compute_loss_terms(self, data, target, unlabeled) -> Dict[str, torch.Tensor]:
+        num_labeled = data.shape[0]
+        x = torch.cat((data, unlabeled['data']))
+        return self.network(x, train_fn=lambda net, inp: self.composed_loss(net, inp, target, num_labeled))
+
+    def composed_loss(self, net: nn.Module, x: torch.Tensor, target, num_labeled: int) -> Dict[str, torch.Tensor]:
+        context = self.make_context(net, x, target, num_labeled)
+        terms = {'sup': self.supervised_loss(self.labeled_rows(context.seg, num_labeled), target)}
+        total = terms['sup']
+        for component in self.loss_components:
+            terms[component.name] = component.loss(context)
+            total = total + component.weight_at(context.fraction) * terms[component.name]
+        terms['loss'] = total
+        return terms
+
+    def after_optimizer_step(self) -> None:
+        for component in self.loss_components:
+            component.after_optimizer_step(self.unwrapped_network, self.global_iteration)
+
+    def extra_modules_for_mode_switch(self) -> List[nn.Module]:
+        return [m for c in self.loss_components for m in c.extra_modules()]
+
+    # ------------------------------------------------------------------------------------------------------------
+    def semiseg_state(self) -> dict:
+        state = super().semiseg_state()
+        for component in self.loss_components:
+            if component.state_key is not None:
+                state[component.state_key] = component.state_dict()
+        return state
+
+    def load_semiseg_state(self, state) -> None:
+        super().load_semiseg_state(state)
+        for component in self.loss_components:
+            if component.state_key is not None:
+                saved = state.get(component.state_key) if state is not None else None
+                component.load_state_dict(saved, student=self.unwrapped_network)
