@@ -63,8 +63,48 @@ def find_folds(model_folder: str, checkpoint_name: str) -> List[str]:
                   if re.fullmatch(r'fold_(\d+|all)', d) and os.path.isfile(os.path.join(model_folder, d, checkpoint_name)))
 
 
+def is_model_folder(folder: str) -> bool:
+    """An exported model (``semiseg_export.json``) or an nnU-Net model folder (plans, dataset.json, fold_X)."""
+    if not os.path.isdir(folder):
+        return False
+    if os.path.isfile(os.path.join(folder, 'semiseg_export.json')):
+        return True
+    has_json = all(os.path.isfile(os.path.join(folder, f)) for f in ('plans.json', 'dataset.json'))
+    return has_json and any(re.fullmatch(r'fold_(\d+|all)', d) for d in os.listdir(folder))
+
+
+def check_output_folder(model_folder: str, output_folder: str, overwrite: bool) -> None:
+    """The output must not be, contain or lie inside the model; ``--overwrite`` replaces only a model folder."""
+    from nnunetv2_semiseg.utilities.safe_io import UnsafeOutputError, check_output_location
+    try:
+        check_output_location(output_folder, [model_folder], what='output (-o)')
+    except UnsafeOutputError as e:
+        raise ExportError(str(e)) from None
+    if not os.path.lexists(output_folder):
+        return
+    if not overwrite:
+        raise ExportError(f'{output_folder} exists. Choose another -o or pass --overwrite.')
+    if not is_model_folder(output_folder) or os.path.islink(output_folder):
+        raise ExportError(f'{output_folder} exists and is not a model folder (no semiseg_export.json, or no '
+                          f'plans.json + dataset.json + fold_X): --overwrite only replaces an exported or nnU-Net '
+                          f'model folder. Choose another -o, or remove that folder yourself if it is obsolete.')
+
+
+def load_checkpoint_file(path: str) -> dict:
+    from nnunetv2_semiseg.utilities.safe_io import CheckpointReadError, load_torch_checkpoint
+    try:
+        return load_torch_checkpoint(path, 'cpu', 'Export another checkpoint of the fold with -chk (e.g. '
+                                                  'checkpoint_best.pth), or train the fold again.')
+    except CheckpointReadError as e:
+        raise ExportError(str(e)) from None
+
+
+TEMP_PREFIX, OLD_PREFIX = '.tmp_export_', '.old_export_'
+
+
 def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence[str]] = None,
                  checkpoint_name: str = 'checkpoint_final.pth', overwrite: bool = False) -> str:
+    from nnunetv2_semiseg.utilities import safe_io
     for required in ('dataset.json', 'plans.json'):
         if not os.path.isfile(os.path.join(model_folder, required)):
             raise ExportError(f'{os.path.join(model_folder, required)} not found: -i must be a trained model folder '
@@ -73,12 +113,11 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
     if not fold_dirs:
         raise ExportError(f'No fold_X/{checkpoint_name} in {model_folder}. Finish training first, or pick another '
                           f'checkpoint with -chk.')
-    if os.path.exists(output_folder) and not overwrite:
-        raise ExportError(f'{output_folder} exists. Choose another -o or pass --overwrite.')
+    check_output_folder(model_folder, output_folder, overwrite)
     parent = os.path.dirname(os.path.abspath(output_folder))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f'.tmp_export_{uuid.uuid4().hex[:8]}')
-    os.makedirs(tmp)
+    safe_io.remove_stale_temp_dirs(parent, (TEMP_PREFIX, OLD_PREFIX))
+    tmp = safe_io.make_temp_dir(parent, TEMP_PREFIX)
     try:
         for name in ('dataset.json', 'plans.json', 'dataset_fingerprint.json'):
             if os.path.isfile(os.path.join(model_folder, name)):
@@ -87,7 +126,7 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
             source = os.path.join(model_folder, fold_dir, checkpoint_name)
             if not os.path.isfile(source):
                 raise ExportError(f'{source} not found.')
-            checkpoint = torch.load(source, map_location='cpu', weights_only=False)
+            checkpoint = load_checkpoint_file(source)
             plain = plain_checkpoint(checkpoint)
             check_loads_into_stock_network(plain['network_weights'], model_folder,
                                            plain['init_args']['configuration'])
@@ -97,9 +136,21 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
         with open(os.path.join(tmp, 'semiseg_export.json'), 'w') as f:
             json.dump({'exported_from': os.path.abspath(model_folder), 'folds': fold_dirs,
                        'checkpoint': checkpoint_name, 'dropped_prefixes': list(TRAINING_ONLY_PREFIXES)}, f, indent=2)
+        safe_io.finish_temp_dir(tmp)
+        old = None
         if os.path.exists(output_folder):
-            shutil.rmtree(output_folder)
-        os.replace(tmp, output_folder)
+            # Moved aside (not deleted) until the new folder is in place; a killed run leaves it for the next one.
+            old = os.path.join(parent, f'{OLD_PREFIX}{uuid.uuid4().hex[:8]}')
+            os.replace(output_folder, old)
+            safe_io.mark_owned(old)
+        try:
+            os.replace(tmp, output_folder)
+        except BaseException:
+            if old is not None:
+                os.replace(old, output_folder)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

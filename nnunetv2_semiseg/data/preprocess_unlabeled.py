@@ -42,8 +42,8 @@ def unlabeled_preprocessed_folder(dataset_name: str, data_identifier: str) -> st
     return os.path.join(nnUNet_preprocessed, dataset_name, unlabeled_folder_name(data_identifier))
 
 
-def preprocessing_fingerprint(plans: dict, configuration: str) -> str:
-    """Hash of everything in the plans that changes the preprocessed arrays of a configuration.
+def preprocessing_settings(plans: dict, configuration: str) -> dict:
+    """Everything in the plans that changes the preprocessed arrays of a configuration (JSON-serialisable).
 
     Architecture and batch size are left out on purpose: plans that only differ there (e.g. nnU-Net's ResEnc
     presets, which share the data_identifier) produce identical preprocessed data and may share the folder.
@@ -62,8 +62,29 @@ def preprocessing_fingerprint(plans: dict, configuration: str) -> str:
         'foreground_intensity_properties_per_channel': plans.get('foreground_intensity_properties_per_channel'),
         'image_reader_writer': plans.get('image_reader_writer'),
     }
-    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return json.loads(json.dumps(relevant, default=str))
+
+
+def preprocessing_fingerprint(plans: dict, configuration: str) -> str:
+    """Hash of :func:`preprocessing_settings`: equal hashes mean identical preprocessed arrays."""
+    blob = json.dumps(preprocessing_settings(plans, configuration), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def describe_differences(old: Optional[dict], new: dict) -> str:
+    """'spacing [1, 1, 1] -> [3, 2, 2]; normalization_schemes ...' for the settings that differ."""
+    if not old:
+        return 'the record predates per-setting details, so what differs is unknown'
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            shown_a, shown_b = json.dumps(a, default=str), json.dumps(b, default=str)
+            if len(shown_a) + len(shown_b) > 160:  # e.g. intensity statistics: name the setting only
+                parts.append(f'{key} (changed)')
+            else:
+                parts.append(f'{key} {shown_a} -> {shown_b}')
+    return '; '.join(parts) if parts else 'nothing recorded differs'
 
 
 def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
@@ -110,6 +131,111 @@ def labeled_case_ids(raw_dataset_folder: str, dataset_json: dict) -> set:
     return set(get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json).keys())
 
 
+def test_case_ids(raw_dataset_folder: str, dataset_json: dict) -> set:
+    """Case IDs in ``imagesTs/`` (files CASE_XXXX<file_ending>)."""
+    folder = os.path.join(raw_dataset_folder, 'imagesTs')
+    if not os.path.isdir(folder):
+        return set()
+    pattern = re.compile(r'(.+)_\d{4}' + re.escape(dataset_json['file_ending']) + r'$')
+    return {m.group(1) for m in map(pattern.match, os.listdir(folder)) if m}
+
+
+def check_not_test_cases(cases, raw_dataset_folder: str, dataset_json: dict, allow_test_ids: bool,
+                         error=None) -> None:
+    """Unlabeled IDs that are also in imagesTs: training on test images breaks the evaluation protocol."""
+    error = error or UnlabeledPreprocessingError
+    in_test = sorted(set(cases) & test_case_ids(raw_dataset_folder, dataset_json))
+    if in_test and not allow_test_ids:
+        raise error(
+            f"Unlabeled case ID(s) {in_test} in {os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)} are also "
+            f"test cases in imagesTs: training on test images makes the test scores meaningless. Remove them from "
+            f"{UNLABELED_RAW_FOLDER}/, or pass --allow_test_ids if you deliberately train transductively on the "
+            f"test images (then say so next to the scores).")
+
+
+def _geometry(path: str):
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader.GetDimension(), tuple(reader.GetSpacing()), tuple(reader.GetDirection())
+
+
+def _axis_code(direction, dimension: int) -> str:
+    """Orientation as the axis letters of the direction cosines (e.g. 'LPS'); nearest axis per column."""
+    import numpy as np
+    matrix = np.asarray(direction, dtype=float).reshape(dimension, dimension)
+    letters = ('LR', 'PA', 'IS')[:dimension]
+    code = ''
+    for column in matrix.T:
+        axis = int(np.argmax(np.abs(column)))
+        code += letters[axis][0] if column[axis] > 0 else letters[axis][1]
+    return code
+
+
+# A spacing counts as far from the labeled cases' when it lies outside [smallest / 2, largest * 2] on some axis:
+# loose enough for the usual scanner-to-scanner spread, tight enough for a wrong header (the 80x of issue 13).
+SPACING_FACTOR = 2.0
+
+
+def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str, dataset_json: dict,
+                           error=None) -> List[str]:
+    """File-level checks of every unlabeled image before any is used. Returns warnings (naming the case).
+
+    Errors: a truncated or corrupt NIfTI file (SimpleITK would fill the missing part with zeros) and an image
+    whose dimensionality differs from the labeled images' (a 2D image in a 3D dataset becomes a volume of 999 mm
+    slices). Warnings, as nnU-Net's ``--verify_dataset_integrity`` compares geometry: a spacing far from the
+    labeled cases' and an orientation that no labeled case has.
+    """
+    from nnunetv2_semiseg.utilities.safe_io import CorruptImageError, check_image_file
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    error = error or UnlabeledPreprocessingError
+    for case_id, files in cases.items():
+        for path in files:
+            try:
+                check_image_file(path)
+            except CorruptImageError as e:
+                raise error(f"Unlabeled case '{case_id}': {e} Or remove it from {UNLABELED_RAW_FOLDER}/.") from None
+    labeled = get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json)
+    reference = []
+    for entry in labeled.values():
+        try:
+            reference.append(_geometry(entry['images'][0]))
+        except RuntimeError:
+            continue  # nnU-Net's own planning has read these; an odd one is not ours to report here
+    if not reference:
+        return []
+    dims = {r[0] for r in reference}
+    spacings = [r[1] for r in reference if r[0] == max(dims)]
+    codes = {_axis_code(r[2], r[0]) for r in reference}
+    warnings = []
+    for case_id, files in cases.items():
+        try:
+            dim, spacing, direction = _geometry(files[0])
+        except RuntimeError:
+            continue  # unreadable: the reader in the worker reports it by name
+        if dim not in dims:
+            raise error(
+                f"Unlabeled case '{case_id}': {files[0]} is a {dim}D image but the labeled images in imagesTr are "
+                f"{'/'.join(map(str, sorted(dims)))}D. nnU-Net would turn it into a wrong volume (a 2D image in a 3D "
+                f"dataset becomes slices 999 mm apart). Remove it from {UNLABELED_RAW_FOLDER}/ or convert it.")
+        far = [axis for axis in range(dim)
+               if not (min(s[axis] for s in spacings) / SPACING_FACTOR <= spacing[axis]
+                       <= max(s[axis] for s in spacings) * SPACING_FACTOR)]
+        if far:
+            low = tuple(round(min(s[a] for s in spacings), 4) for a in range(dim))
+            high = tuple(round(max(s[a] for s in spacings), 4) for a in range(dim))
+            warnings.append(f"Unlabeled case '{case_id}': spacing (x, y, z) {tuple(round(v, 4) for v in spacing)} "
+                            f"of {files[0]} is far from the labeled cases' ({low} .. {high}); it will be resampled "
+                            f"to the plans' spacing. Check its header if this is not intended.")
+        code = _axis_code(direction, dim)
+        if code not in codes:
+            warnings.append(f"Unlabeled case '{case_id}': orientation {code} of {files[0]} differs from every "
+                            f"labeled case's ({', '.join(sorted(codes))}). nnU-Net does not reorient images; check "
+                            f"that it shows the same anatomy the same way.")
+    return warnings
+
+
 def _preprocess_one(args) -> str:
     """Worker: preprocess one case into the temporary folder. Returns the case id."""
     case_id, image_files, out_folder, plans, configuration, dataset_json = args
@@ -142,13 +268,22 @@ def read_record(folder: str) -> Optional[dict]:
         return json.load(f)
 
 
+TEMP_INFIX, OLD_INFIX = '.tmp_', '.old_'
+
+
 def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str = 'nnUNetPlans',
-                         num_processes: int = 1, overwrite_other_plans: bool = False, verbose: bool = True) -> str:
-    """Preprocess ``imagesUnlabeled/`` of one dataset for one configuration. Returns the output folder."""
+                         num_processes: int = 1, overwrite_other_plans: bool = False, verbose: bool = True,
+                         allow_test_ids: bool = False) -> str:
+    """Preprocess ``imagesUnlabeled/`` of one dataset for one configuration. Returns the output folder.
+
+    ``allow_test_ids``: accept unlabeled cases whose IDs are test cases in ``imagesTs/`` (transductive use).
+    """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise UnlabeledPreprocessingError(f'num_processes (-np) must be an integer >= 1, got {num_processes!r}.')
     if not nnUNet_raw or not nnUNet_preprocessed:
         raise UnlabeledPreprocessingError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s '
                                           'documentation on setting up paths).')
@@ -175,16 +310,26 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     out_folder = os.path.join(preprocessed_base, unlabeled_folder_name(data_identifier))
     fingerprint = preprocessing_fingerprint(plans, configuration)
+    settings = preprocessing_settings(plans, configuration)
+    from nnunetv2_semiseg.utilities import safe_io
+    try:
+        safe_io.check_output_location(out_folder, [raw_folder], what='unlabeled output folder')
+    except safe_io.UnsafeOutputError as e:
+        raise UnlabeledPreprocessingError(f'{e} (set nnUNet_preprocessed outside nnUNet_raw).') from None
 
     existing = read_record(out_folder) if os.path.isdir(out_folder) else None
-    if os.path.isdir(out_folder) and not overwrite_other_plans:
-        if existing is None or existing.get('preprocessing_fingerprint') != fingerprint:
-            made_with = (f"plans '{existing.get('plans_name')}', configuration '{existing.get('configuration')}'"
-                         if existing else 'unknown plans (no record file)')
-            raise UnlabeledPreprocessingError(
-                f"{out_folder} already exists and was made with {made_with}, whose preprocessing differs from "
-                f"plans '{plans_name}', configuration '{configuration}'. Delete that folder, or pass "
-                f"--overwrite to replace it (models trained on it will then see differently preprocessed data).")
+    if os.path.lexists(out_folder) and existing is None:
+        # --overwrite replaces only what this command wrote.
+        raise UnlabeledPreprocessingError(
+            f"{out_folder} exists but has no {RECORD_FILENAME}, so it was not written by this command; it is not "
+            f"replaced, even with --overwrite. Move or delete it yourself if it is obsolete.")
+    if existing is not None and not overwrite_other_plans and existing.get('preprocessing_fingerprint') != fingerprint:
+        raise UnlabeledPreprocessingError(
+            f"{out_folder} already exists and was made with plans '{existing.get('plans_name')}', configuration "
+            f"'{existing.get('configuration')}', whose preprocessing differs from plans '{plans_name}', "
+            f"configuration '{configuration}': {describe_differences(existing.get('preprocessing'), settings)}. "
+            f"Delete that folder, or pass --overwrite to replace it (models trained on it will then see "
+            f"differently preprocessed data).")
 
     cases = find_unlabeled_cases(raw_folder, dataset_json)
     clashes = sorted(set(cases) & labeled_case_ids(raw_folder, dataset_json))
@@ -193,9 +338,14 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
             f"Unlabeled case ID(s) {clashes} in {os.path.join(raw_folder, UNLABELED_RAW_FOLDER)} equal labeled case "
             f"IDs in imagesTr. Rename the unlabeled files (or remove labeled cases from {UNLABELED_RAW_FOLDER}/): "
             f"the same ID in both would let a labeled case be used as unlabeled.")
+    check_not_test_cases(cases, raw_folder, dataset_json, allow_test_ids)
+    for warning in check_unlabeled_images(cases, raw_folder, dataset_json):
+        print(f'WARNING: {warning}', file=sys.stderr)
 
-    tmp_folder = out_folder + f'.tmp_{uuid.uuid4().hex[:8]}'
-    os.makedirs(tmp_folder)
+    # Leftovers of killed runs (their owner process is dead); a live run's folders are kept.
+    base_name = os.path.basename(out_folder)
+    safe_io.remove_stale_temp_dirs(preprocessed_base, (base_name + TEMP_INFIX, base_name + OLD_INFIX))
+    tmp_folder = safe_io.make_temp_dir(preprocessed_base, base_name + TEMP_INFIX)
     try:
         jobs = [(cid, files, tmp_folder, plans, configuration, dataset_json) for cid, files in cases.items()]
         progress = dict(desc=f'Unlabeled {dataset_name} {configuration}', total=len(jobs), disable=not verbose)
@@ -203,21 +353,25 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
             for job in tqdm(jobs, **progress):
                 _preprocess_one(job)
         else:
-            with multiprocessing.get_context('spawn').Pool(num_processes) as pool:
+            with multiprocessing.get_context('spawn').Pool(num_processes,
+                                                           initializer=safe_io.exit_with_parent) as pool:
                 for _ in tqdm(pool.imap_unordered(_preprocess_one, jobs), **progress):
                     pass
         import nnunetv2
         record = {'dataset': dataset_name, 'plans_name': plans_name, 'configuration': configuration,
                   'data_identifier': data_identifier, 'preprocessing_fingerprint': fingerprint,
+                  'preprocessing': settings,
                   'plans_file': plans_file, 'case_ids': sorted(cases),
                   'nnunetv2_version': getattr(nnunetv2, '__version__', 'unknown'),
                   'created': time.strftime('%Y-%m-%d %H:%M:%S')}
         with open(os.path.join(tmp_folder, RECORD_FILENAME), 'w') as f:
             json.dump(record, f, indent=2)
+        safe_io.finish_temp_dir(tmp_folder)
         # Swap: the old folder stays intact until the new one is complete.
         if os.path.isdir(out_folder):
-            old = out_folder + f'.old_{uuid.uuid4().hex[:8]}'
+            old = out_folder + f'{OLD_INFIX}{uuid.uuid4().hex[:8]}'
             os.replace(out_folder, old)
+            safe_io.mark_owned(old)
             os.replace(tmp_folder, out_folder)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -228,6 +382,17 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
     if verbose:
         print(f'Wrote {len(cases)} unlabeled case(s) to {out_folder}')
     return out_folder
+
+
+def positive_int(text: str) -> int:
+    """argparse type for process counts: an integer >= 1 (nnU-Net's -np needs at least one process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} processes: pass at least 1')
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -241,17 +406,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('-c', nargs='+', default=['3d_fullres'],
                         help='Configuration(s), e.g. 2d 3d_fullres. Default: 3d_fullres')
     parser.add_argument('-plans_name', default='nnUNetPlans', help='Plans identifier. Default: nnUNetPlans')
-    parser.add_argument('-np', type=int, default=None,
+    parser.add_argument('-np', type=positive_int, default=None,
                         help=f'Number of processes. Default: nnUNet_def_n_proc ({default_num_processes})')
     parser.add_argument('--overwrite', action='store_true',
                         help='Replace an existing unlabeled folder made with plans whose preprocessing differs')
+    parser.add_argument('--allow_test_ids', action='store_true',
+                        help='accept unlabeled cases whose IDs are test cases in imagesTs (transductive use only: '
+                             'the test scores are then not those of the standard protocol)')
     parser.add_argument('--verbose', action='store_true', help='unused, kept for nnU-Net CLI symmetry')
     args = parser.parse_args(argv)
     num_processes = default_num_processes if args.np is None else args.np
     try:
         for d in args.d:
             for c in args.c:
-                preprocess_unlabeled(d, c, args.plans_name, num_processes, args.overwrite)
+                preprocess_unlabeled(d, c, args.plans_name, num_processes, args.overwrite,
+                                     allow_test_ids=args.allow_test_ids)
     except UnlabeledPreprocessingError as e:
         print(f'ERROR: {e}', file=sys.stderr)
         sys.exit(1)

@@ -349,7 +349,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         if isinstance(filename_or_checkpoint, str):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+            from nnunetv2_semiseg.utilities.safe_io import load_torch_checkpoint
+            # --c tries checkpoint_final, then checkpoint_latest, then checkpoint_best (nnU-Net's run_training).
+            checkpoint = load_torch_checkpoint(
+                filename_or_checkpoint, self.device,
+                'To continue from the next checkpoint, move this file out of the fold folder (--c then takes '
+                'checkpoint_latest.pth, else checkpoint_best.pth); or train the fold from scratch without --c.')
         else:
             checkpoint = filename_or_checkpoint
         network = self.unwrapped_network
