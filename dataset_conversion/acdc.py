@@ -193,6 +193,7 @@ def _read_nifti(path: str, case_id: str, what: str):
                                   f"it; re-download the patient folder or remove the patient from the lists.")
         raise ConversionError(f"Case {case_id}: image {path} is missing (its frame number comes from Info.cfg); "
                               f"re-download the patient folder from {NIFTI_RELEASE}.")
+    common.check_image_integrity(path, case_id)
     try:
         return sitk.ReadImage(path)
     except RuntimeError as e:
@@ -272,7 +273,7 @@ def _read_patient_list(path: Path | None, packaged: str | None) -> tuple[list[st
 def convert(args: argparse.Namespace) -> Path:
     output_root = common.resolve_output_root(args.output)
     folder_name = common.dataset_folder_name(args.dataset_id, args.name)
-    writer = common.DatasetWriter(output_root, folder_name, args.overwrite)
+    writer = common.DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,))
     writer.check_target()
     fmt, patients = find_patients(Path(args.input), args.format)
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from dataset_conversion.common import (
     ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_ids_known,
-    check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list, output_paths,
-    parallel_map, read_id_list, resolve_output_root, resolve_split, run_main, write_dataset_json, write_json,
+    check_image_integrity, check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list,
+    output_paths, parallel_map, read_id_list, resolve_output_root, resolve_split, run_main, write_dataset_json, write_json,
     write_split_manifest)
 
 NUM_CASES = 369
@@ -182,6 +182,7 @@ def convert_case(job: dict) -> dict:
     case_id, role, out = job['case_id'], job['role'], Path(job['out'])
     reference = None
     for channel, path in enumerate(job['images']):
+        check_image_integrity(path, case_id)
         try:
             img = sitk.ReadImage(path)
         except RuntimeError as e:
@@ -200,6 +201,7 @@ def convert_case(job: dict) -> dict:
         sitk.WriteImage(img, str(output_paths(out, role, case_id, channel)[0]), useCompression=True)
     if job['label'] is not None:
         path = job['label']
+        check_image_integrity(path, case_id)
         try:
             seg = sitk.ReadImage(path)
         except RuntimeError as e:
@@ -277,7 +279,8 @@ def convert(args) -> Path:
         raise ConversionError(f'--labeled-fraction {args.labeled_fraction} must be in (0, 1], e.g. 0.1 for 10 %.')
     output_root = resolve_output_root(args.output)
     folder_name = dataset_folder_name(args.dataset_id, args.name)
-    DatasetWriter(output_root, folder_name, args.overwrite).check_target()  # fail before any slow work
+    # fail before any slow work
+    DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)).check_target()
 
     folder = release_folder(root)
     cases = find_cases(folder)
@@ -313,7 +316,7 @@ def convert(args) -> Path:
     else:
         labels = {'background': 0, 'whole tumor': [1, 2, 3], 'tumor core': [2, 3], 'enhancing tumor': [3]}
         region_extra = {'regions_class_order': [1, 2, 3]}
-    with DatasetWriter(output_root, folder_name, args.overwrite) as writer:
+    with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)) as writer:
         for job in jobs:
             job['out'] = str(writer.tmp)
         parallel_map(convert_case, jobs, args.num_processes, desc='BraTS2020')

@@ -90,7 +90,7 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
                    help="nnU-Net raw folder to write into; default: $nnUNet_raw")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DatasetXXX_<name> folder (only after the new one is complete)")
-    p.add_argument("-np", "--num-processes", dest="num_processes", type=int, default=1,
+    p.add_argument("-np", "--num-processes", dest="num_processes", type=positive_int, default=1,
                    help="number of worker processes")
     p.add_argument("--split", choices=list(split_choices), default=default_split,
                    help="published split (training list + test list) to use")
@@ -110,6 +110,17 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
                         "(the dropped IDs are recorded in semiseg_split.json); the labeled set is chosen AFTER "
                         "dropping, so it can differ from the published protocol")
     return p
+
+
+def positive_int(text: str) -> int:
+    """argparse type for -np: an integer >= 1 (as nnU-Net's -np)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} processes: pass at least 1")
+    return value
 
 
 def resolve_output_root(output: Path | None) -> Path:
@@ -267,8 +278,13 @@ class DatasetWriter:
     overwrite is set); on any exception the temporary folder is removed and an existing dataset is untouched.
     """
 
+    TEMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"
+
     def __init__(self, output_root: Path, folder_name: str, overwrite: bool = False,
-                 subfolders: Sequence[str] = (IMAGES_TR, LABELS_TR, IMAGES_UNLABELED, IMAGES_TS, LABELS_TS)):
+                 subfolders: Sequence[str] = (IMAGES_TR, LABELS_TR, IMAGES_UNLABELED, IMAGES_TS, LABELS_TS),
+                 inputs: Sequence = ()):
+        """``inputs``: folders the conversion reads (``-i``); the target must not be, contain or lie in one."""
+        self.inputs = tuple(inputs)
         self.root = Path(output_root)
         self.folder_name = folder_name
         self.target = self.root / folder_name
@@ -278,9 +294,18 @@ class DatasetWriter:
 
     def check_target(self) -> None:
         """Fail early (before any conversion work) if the target cannot be written."""
-        if self.target.exists() and not self.overwrite:
+        from nnunetv2_semiseg.utilities.safe_io import UnsafeOutputError, check_output_location
+        try:
+            check_output_location(self.target, self.inputs, what="output dataset folder", allow_inside=True)
+        except UnsafeOutputError as e:
+            raise ConversionError(f"{e} Pass another --output or -d/--name.") from None
+        if os.path.lexists(self.target) and not self.overwrite:
             raise ConversionError(f"Output dataset {self.target} already exists; pass --overwrite to replace it "
                                   f"or choose another -d/--name.")
+        if os.path.lexists(self.target) and (self.target.is_symlink() or not (self.target / "dataset.json").is_file()):
+            raise ConversionError(f"{self.target} exists but is not an nnU-Net raw dataset (no dataset.json): "
+                                  f"--overwrite only replaces a dataset folder. Choose another -d/--name, or move "
+                                  f"that folder away yourself.")
         # nnU-Net resolves datasets by ID: two folders DatasetXXX_* with the same ID break every nnU-Net command.
         prefix = self.folder_name.split("_", 1)[0] + "_"
         if self.root.is_dir():
@@ -290,9 +315,13 @@ class DatasetWriter:
                                           f"needs unique IDs. Choose another -d or remove that folder.")
 
     def __enter__(self) -> "DatasetWriter":
+        from nnunetv2_semiseg.utilities import safe_io
         self.check_target()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{self.folder_name}_", dir=self.root))
+        # Leftovers of killed conversions of this dataset whose process is gone (a live run's are kept).
+        safe_io.remove_stale_temp_dirs(self.root, (f"{self.TEMP_PREFIX}{self.folder_name}_",
+                                                   f"{self.OLD_PREFIX}{self.folder_name}_"))
+        self.tmp = Path(safe_io.make_temp_dir(self.root, f"{self.TEMP_PREFIX}{self.folder_name}_"))
         for sub in self.subfolders:
             (self.tmp / sub).mkdir()
         return self
@@ -313,14 +342,17 @@ class DatasetWriter:
         return False
 
     def _commit(self) -> None:
+        from nnunetv2_semiseg.utilities import safe_io
+        safe_io.finish_temp_dir(self.tmp)  # mkdtemp's 0700 would survive the rename: follow the umask
         backup = None
         if self.target.exists():
             if not self.overwrite:  # appeared while we were converting
                 raise ConversionError(f"Output dataset {self.target} appeared during the conversion; pass "
                                       f"--overwrite to replace it.")
             # os.replace cannot replace a non-empty directory: move the old one aside first, delete it last.
-            backup = self.root / f".old_{self.folder_name}_{os.getpid()}"
+            backup = self.root / f"{self.OLD_PREFIX}{self.folder_name}_{os.getpid()}"
             os.replace(self.target, backup)
+            safe_io.mark_owned(backup)
         try:
             os.replace(self.tmp, self.target)
         except BaseException:
@@ -379,13 +411,33 @@ def check_same_geometry(case_id: str, image_file, label_file, image_shape, label
 
 
 def check_label_values(case_id: str, label_file, label: np.ndarray, allowed: Iterable[int]) -> list[int]:
-    """Return the sorted label values; values outside ``allowed`` -> ConversionError."""
-    values = [int(v) for v in np.unique(label)]
+    """Return the sorted label values; values outside ``allowed`` -> ConversionError.
+
+    Values are checked as stored: a float label with 0.5 is an error, not background (int() would truncate it).
+    """
+    stored = np.unique(label)
+    if not (np.issubdtype(stored.dtype, np.integer) or np.issubdtype(stored.dtype, np.bool_)):
+        fractional = [float(v) for v in stored if not np.isfinite(v) or float(v) != round(float(v))]
+        if fractional:
+            shown = ", ".join(f"{v:g}" for v in fractional[:5]) + (" ..." if len(fractional) > 5 else "")
+            raise ConversionError(f"Case {case_id}: label {label_file} contains non-integer values ({shown}), "
+                                  f"expected only {sorted(allowed)}; it is not a label map (a probability or "
+                                  f"resampled map?). Re-export it as integers or exclude the case.")
+    values = [int(v) for v in stored]
     bad = sorted(set(values) - set(int(a) for a in allowed))
     if bad:
         raise ConversionError(f"Case {case_id}: label {label_file} contains values {bad}, expected only "
                               f"{sorted(allowed)}; the file is not a label map of this dataset.")
     return values
+
+
+def check_image_integrity(path, case_id: str) -> None:
+    """A truncated/corrupt NIfTI input -> ConversionError (SimpleITK would fill the missing part with zeros)."""
+    from nnunetv2_semiseg.utilities.safe_io import CorruptImageError, check_image_file
+    try:
+        check_image_file(path)
+    except CorruptImageError as e:
+        raise ConversionError(f"Case {case_id}: {e} Re-download it or exclude the case from the lists.") from None
 
 
 def write_nifti(array_zyx: np.ndarray, path: Path | str, spacing_xyz: Sequence[float],
@@ -465,8 +517,10 @@ def parallel_map(func: Callable, items: Sequence, num_processes: int = 1, desc: 
     items = list(items)
     if num_processes <= 1 or len(items) <= 1:
         return [func(x) for x in tqdm(items, desc=desc, unit="case", disable=None)]
+    from nnunetv2_semiseg.utilities.safe_io import exit_with_parent
     ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    with ctx.Pool(min(num_processes, len(items))) as pool:
+    # Workers die with this process: a killed conversion must not keep writing into its temporary folder.
+    with ctx.Pool(min(num_processes, len(items)), initializer=exit_with_parent) as pool:
         return list(tqdm(pool.imap(func, items), total=len(items), desc=desc, unit="case", disable=None))
 
 

@@ -109,6 +109,7 @@ def _load_nrrd(task: CaseTask, need_label: bool):
 
     image_path = Path(task.case_folder) / RAW_IMAGE_FILE
     label_path = Path(task.case_folder) / RAW_LABEL_FILE
+    common.check_image_integrity(image_path, task.case_id)
     try:
         img = sitk.ReadImage(str(image_path))
     except RuntimeError as e:
@@ -120,6 +121,7 @@ def _load_nrrd(task: CaseTask, need_label: bool):
         if not label_path.is_file():
             raise ConversionError(f"Case {task.case_id} has no label: {label_path} is missing. Labeled and test "
                                   f"cases need it; re-download the case or remove it from the lists.")
+        common.check_image_integrity(label_path, task.case_id)
         try:
             lab = sitk.ReadImage(str(label_path))
         except RuntimeError as e:
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def convert(args: argparse.Namespace) -> Path:
     output_root = common.resolve_output_root(args.output)
     folder_name = common.dataset_folder_name(args.dataset_id, args.name)
-    writer = common.DatasetWriter(output_root, folder_name, args.overwrite)
+    writer = common.DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,))
     writer.check_target()  # fail before reading anything
     fmt, cases = find_cases(Path(args.input), args.format)
 

@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
-    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_label_values,
-    check_labeled_in_train, dataset_folder_name, load_packaged_list, output_paths, parallel_map, read_h5,
+    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_image_integrity,
+    check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list, output_paths, parallel_map, read_h5,
     read_id_list, resolve_output_root, resolve_split, run_main, write_dataset_json, write_nifti,
     write_split_manifest)
 
@@ -212,6 +212,7 @@ def read_dicom_case(case_folder: Path, label_file: Optional[Path], case_id: str,
     image = read_dicom_series(str(case_folder), case_id)
     if label_file is None:
         return image, None, ''
+    check_image_integrity(label_file, case_id)
     try:
         label = sitk.ReadImage(str(label_file))
     except RuntimeError as e:
@@ -327,7 +328,8 @@ def convert(args) -> Path:
                               f'(TCIA folder with PANCREAS_XXXX, or the h5 folder).')
     output_root = resolve_output_root(args.output)
     folder_name = dataset_folder_name(args.dataset_id, args.name)
-    DatasetWriter(output_root, folder_name, args.overwrite).check_target()  # fail before any slow work
+    # fail before any slow work
+    DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)).check_target()
 
     fmt = detect_format(root) if args.format == 'auto' else args.format
     labels: Dict[str, Path] = {}
@@ -371,7 +373,7 @@ def convert(args) -> Path:
     for w in warnings:
         print(f'WARNING: {w}')
 
-    with DatasetWriter(output_root, folder_name, args.overwrite) as writer:
+    with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)) as writer:
         jobs = make_jobs(assignment, writer.tmp, fmt, sources, labels, args.label_geometry)
         results = parallel_map(convert_case, jobs, args.num_processes, desc='Pancreas-CT')
         notes = {r['case_id']: r['note'] for r in results if r['note']}

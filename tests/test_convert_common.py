@@ -106,6 +106,7 @@ def test_dataset_writer_refuses_existing_and_keeps_it_on_failure(tmp_path):
     target = tmp_path / "Dataset007_X"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    (target / "dataset.json").write_text("{}")  # --overwrite replaces only a raw dataset folder
     with pytest.raises(ConversionError, match=r"Dataset007_X already exists; pass --overwrite"):
         with common.DatasetWriter(tmp_path, "Dataset007_X"):
             pass
@@ -114,7 +115,7 @@ def test_dataset_writer_refuses_existing_and_keeps_it_on_failure(tmp_path):
             (w.path("imagesTr") / "half.txt").write_text("half")
             raise RuntimeError("boom")
     assert [p.name for p in tmp_path.iterdir()] == ["Dataset007_X"]  # temp folder removed
-    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["dataset.json", "old.txt"]
     with common.DatasetWriter(tmp_path, "Dataset007_X", overwrite=True) as w:
         (w.path("labelsTr") / "n.txt").write_text("n")
     assert not (target / "old.txt").exists() and (target / "labelsTr" / "n.txt").is_file()

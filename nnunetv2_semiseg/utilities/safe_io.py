@@ -43,9 +43,11 @@ def _is_within(inner: str, outer: str) -> bool:
     return os.path.commonpath([inner, outer]) == outer
 
 
-def check_output_location(output, inputs: Iterable, what: str = 'output') -> None:
+def check_output_location(output, inputs: Iterable, what: str = 'output', allow_inside: bool = False) -> None:
     """Raise :class:`UnsafeOutputError` if ``output`` is one of ``inputs``, lies inside one or contains one.
 
+    ``allow_inside``: an output inside an input is accepted (converters: the raw folder may sit below the download
+    folder; replacing the output then deletes none of the input, which the other two cases would).
     Paths are compared after resolving symbolic links, so a link to the input is caught as well.
     """
     out = _real(output)
@@ -56,6 +58,8 @@ def check_output_location(output, inputs: Iterable, what: str = 'output') -> Non
         if out == src:
             relation = 'is'
         elif _is_within(out, src):
+            if allow_inside:
+                continue
             relation = 'lies inside'
         elif _is_within(src, out):
             relation = 'contains'
@@ -63,7 +67,7 @@ def check_output_location(output, inputs: Iterable, what: str = 'output') -> Non
             continue
         raise UnsafeOutputError(
             f"The {what} {output} {relation} the input {source}: writing (or --overwrite) there would destroy the "
-            f"input. Choose an {what} folder outside the input.")
+            f"input. Choose another {what}.")
 
 
 # --------------------------------------------------------------------------------------------- temp folders
