@@ -52,6 +52,9 @@ KNOWN_FILE_ENDINGS = (
     ".nii.gz", ".gipl.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".tiff", ".tif", ".png", ".bmp",
 )
 SPACING_RTOL = 1e-3
+# Origin in mm (absolute) and direction cosines: nnU-Net's verify_dataset_integrity compares both with np.allclose;
+# these tolerances only absorb the float rounding of header writers.
+ORIGIN_ATOL_MM, DIRECTION_ATOL = 1e-3, 1e-4
 DEFAULT_OUTPUT_NAME = "summary_semiseg"
 
 Item = Tuple[int, ...]  # one evaluated class: a label (1-tuple) or a region (union of labels)
@@ -97,6 +100,16 @@ def parse_label_spec(labels: Iterable[Union[int, str, Sequence[int]]]) -> List[I
     if not items:
         raise EvaluationError("no labels to evaluate")
     return items
+
+
+def dataset_json_values(path: str) -> set:
+    """Every voxel value a segmentation of this dataset may hold: all labels, background and ignore."""
+    with open(path) as f:
+        labels = json.load(f)["labels"]
+    values = set()
+    for value in labels.values():
+        values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return values
 
 
 def read_dataset_json(path: str) -> Tuple[List[Item], Dict[str, str], Optional[str]]:
@@ -159,7 +172,8 @@ def find_cases(folder: str, file_ending: Optional[str] = None) -> Dict[str, str]
     return cases
 
 
-def _read_info(path: str) -> Tuple[Tuple[int, ...], Tuple[float, ...], int]:
+def _read_info(path: str) -> Tuple[Tuple[int, ...], Tuple[float, ...], int, Tuple[float, ...], Tuple[float, ...]]:
+    """Size, spacing, components, origin and direction from the header."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -168,7 +182,8 @@ def _read_info(path: str) -> Tuple[Tuple[int, ...], Tuple[float, ...], int]:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise EvaluationError(f"cannot read {path}: {str(e).strip().splitlines()[-1]}") from None
-    return tuple(reader.GetSize()), tuple(reader.GetSpacing()), reader.GetNumberOfComponents()
+    return (tuple(reader.GetSize()), tuple(reader.GetSpacing()), reader.GetNumberOfComponents(),
+            tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
 
 
 def read_segmentation(path: str) -> Tuple[np.ndarray, Tuple[float, ...]]:
@@ -203,10 +218,13 @@ def _fmt_list(names: Sequence[str], limit: int = 10) -> str:
 
 
 def match_cases(ref_folder: str, pred_folder: str, file_ending: Optional[str] = None,
-                chill: bool = False) -> Tuple[List[Tuple[str, str, str]], List[str]]:
+                chill: bool = False, geometry_warnings: Optional[List[str]] = None
+                ) -> Tuple[List[Tuple[str, str, str]], List[str]]:
     """Pair reference and prediction files by case ID and check that sizes and spacings agree.
 
     Returns ``([(case, ref_path, pred_path), ...], missing_predictions)``; raises :class:`EvaluationError`.
+    Origin or direction differences (the same voxels, placed elsewhere in space) are appended to
+    ``geometry_warnings`` when a list is given.
     """
     refs = find_cases(ref_folder, file_ending)
     preds = find_cases(pred_folder, file_ending)
@@ -228,8 +246,8 @@ def match_cases(ref_folder: str, pred_folder: str, file_ending: Optional[str] = 
     cases = sorted(set(refs) & set(preds))
     problems = []
     for case in cases:
-        size_r, spacing_r, comp_r = _read_info(refs[case])
-        size_p, spacing_p, comp_p = _read_info(preds[case])
+        size_r, spacing_r, comp_r, origin_r, direction_r = _read_info(refs[case])
+        size_p, spacing_p, comp_p, origin_p, direction_p = _read_info(preds[case])
         if size_r != size_p:
             problems.append(f"case {case}: size (x, y, z) {size_p} in {preds[case]} differs from the reference "
                             f"{size_r} in {refs[case]}")
@@ -237,6 +255,17 @@ def match_cases(ref_folder: str, pred_folder: str, file_ending: Optional[str] = 
             problems.append(f"case {case}: spacing (x, y, z) {tuple(round(s, 6) for s in spacing_p)} in "
                             f"{preds[case]} differs from the reference {tuple(round(s, 6) for s in spacing_r)} "
                             f"(relative tolerance {SPACING_RTOL:g})")
+        elif geometry_warnings is not None:
+            if not np.allclose(origin_r, origin_p, rtol=0, atol=ORIGIN_ATOL_MM):
+                geometry_warnings.append(
+                    f"case {case}: origin {tuple(round(o, 4) for o in origin_p)} of {preds[case]} differs from the "
+                    f"reference {tuple(round(o, 4) for o in origin_r)}: the masks are compared voxel by voxel, but "
+                    f"they do not lie at the same place in space (is the prediction of another image?)")
+            if not np.allclose(direction_r, direction_p, rtol=0, atol=DIRECTION_ATOL):
+                geometry_warnings.append(
+                    f"case {case}: direction {tuple(round(d, 4) for d in direction_p)} of {preds[case]} differs "
+                    f"from the reference {tuple(round(d, 4) for d in direction_r)}: the masks are compared voxel by "
+                    f"voxel, but their axes point differently (a flipped or reoriented prediction?)")
     if problems:
         raise EvaluationError(
             "prediction and reference geometry differ:\n  " + "\n  ".join(problems[:20])
@@ -291,24 +320,58 @@ def evaluate_case(case: str, ref_file: str, pred_file: str, items: Sequence[Item
                                                          surface_connectivity, empty_convention)
     mean_fg = {k: _nanmean([m[k] for m in metrics.values()])[0] for k in METRIC_KEYS}
     return {"case": case, "reference_file": os.path.abspath(ref_file), "prediction_file": os.path.abspath(pred_file),
-            "spacing": list(spacing_xyz), "metrics": metrics, "mean_foreground": mean_fg}
+            "spacing": list(spacing_xyz), "metrics": metrics, "mean_foreground": mean_fg,
+            "reference_values": [int(v) for v in np.unique(ref)],
+            "prediction_values": [int(v) for v in np.unique(pred)]}
 
 
 def _evaluate_case_star(args):
     return evaluate_case(*args)
 
 
+def undefined_labels(per_case: Sequence[dict], keys: Sequence[str]) -> List[str]:
+    """Classes absent from every reference and every prediction: no case says anything about them, so their score
+    is not defined (the per-case 'both empty' convention would otherwise report 100 %)."""
+    return [k for k in keys if per_case and all(c["metrics"][k]["n_ref"] == 0 and c["metrics"][k]["n_pred"] == 0
+                                                for c in per_case)]
+
+
 def aggregate(per_case: Sequence[dict], keys: Sequence[str]) -> dict:
-    """Per-class means/stds over cases (NaN excluded and counted) and the mean over classes."""
+    """Per-class means/stds over cases (NaN excluded and counted) and the mean over classes.
+
+    A class absent from all references and predictions (:func:`undefined_labels`) gets NaN means and stds and is
+    left out of ``foreground_mean`` and of each case's ``mean_foreground``.
+    """
+    undefined = undefined_labels(per_case, keys)
+    defined = [k for k in keys if k not in undefined]
+    if undefined:
+        for c in per_case:
+            c["mean_foreground"] = {m: _nanmean([c["metrics"][k][m] for k in defined])[0] for m in METRIC_KEYS}
     mean, std, excluded = {}, {}, {}
     for key in keys:
         mean[key], std[key], excluded[key] = {}, {}, {}
         for m in METRIC_KEYS:
             values = [c["metrics"][key][m] for c in per_case]
+            if key in undefined:
+                mean[key][m], excluded[key][m], std[key][m] = float("nan"), 0, float("nan")
+                continue
             mean[key][m], excluded[key][m] = _nanmean(values)
             std[key][m] = _nanstd(values)
-    foreground_mean = {m: _nanmean([mean[k][m] for k in keys])[0] for m in METRIC_KEYS}
-    return {"mean": mean, "std": std, "excluded": excluded, "foreground_mean": foreground_mean}
+    foreground_mean = {m: _nanmean([mean[k][m] for k in defined])[0] for m in METRIC_KEYS}
+    return {"mean": mean, "std": std, "excluded": excluded, "foreground_mean": foreground_mean,
+            "undefined_labels": undefined}
+
+
+def unknown_value_warnings(per_case: Sequence[dict], known: set, source: str) -> List[str]:
+    """One warning per case whose prediction holds values that are no label (e.g. a mask saved as 0/255)."""
+    warnings = []
+    for c in per_case:
+        unknown = sorted(set(c["prediction_values"]) - known)
+        if unknown:
+            warnings.append(f"case {c['case']}: prediction {c['prediction_file']} contains value(s) {unknown} that "
+                            f"are not labels ({source}: {sorted(known)}); those voxels count as background. Is it "
+                            f"a mask saved as 0/255, or a prediction of another dataset?")
+    return warnings
 
 
 def _distance_library_version() -> str:
@@ -323,7 +386,7 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
                      dataset_json: Optional[str] = None, empty_convention: str = "nan",
                      lcc_connectivity: Optional[int] = None, surface_connectivity: int = 1,
                      chill: bool = False, num_processes: int = 1, output_file: Optional[str] = None,
-                     file_ending: Optional[str] = None) -> dict:
+                     file_ending: Optional[str] = None, strict: bool = False) -> dict:
     """Evaluate every prediction in ``pred_folder`` against ``ref_folder``; returns the result dictionary.
 
     Parameters
@@ -339,13 +402,16 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
     num_processes : worker processes (spawned) for the per-case computation.
     output_file : if given, write the JSON there and the CSV next to it (same name, ``.csv``), atomically.
     file_ending : only consider files with this ending (default: dataset.json's, else any known image ending).
+    strict : raise :class:`EvaluationError` instead of warning for prediction values that are no label and for
+        origin/direction differences between prediction and reference.
 
     Returns
     -------
     dict with ``per_case`` (list of ``{"case", "metrics": {class_key: {metric: value}}, "mean_foreground", ...}``),
     ``mean`` / ``std`` / ``excluded`` (``{class_key: {metric: value}}``, over cases), ``foreground_mean``
     (``{metric: value}``, mean over classes of ``mean``), ``labels`` (class keys such as ``"1"`` or ``"1,2,3"``),
-    ``label_names``, ``num_cases``, ``missing_predictions`` and ``settings``. Metric names are
+    ``label_names``, ``num_cases``, ``missing_predictions``, ``settings``, ``undefined_labels`` (classes absent
+    from every reference and prediction: NaN means, left out of the foreground mean) and ``warnings``. Metric names are
     :data:`~nnunetv2_semiseg.evaluation.metrics.METRIC_KEYS`: ``dice``, ``jaccard`` (fractions in [0, 1]),
     ``hd95_voxel``, ``asd_voxel``, ``assd_voxel``, ``hd95_mm``, ``asd_mm``, ``assd_mm``. NaN marks undefined
     values (they are written as ``null`` in the JSON file).
@@ -359,7 +425,8 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
         file_ending = file_ending or dj_ending
     if labels is not None:
         items = parse_label_spec([labels] if isinstance(labels, (int, str, np.integer)) else labels)
-    pairs, missing = match_cases(ref_folder, pred_folder, file_ending, chill)
+    warnings: List[str] = []
+    pairs, missing = match_cases(ref_folder, pred_folder, file_ending, chill, geometry_warnings=warnings)
     if items is None:
         items = find_labels(p[1] for p in pairs)
     keys = [item_key(i) for i in items]
@@ -373,6 +440,16 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
             per_case = pool.map(_evaluate_case_star, jobs)
     else:
         per_case = [_evaluate_case_star(j) for j in jobs]
+
+    if dataset_json is not None:
+        known, source = dataset_json_values(dataset_json), f"labels of {dataset_json}"
+    else:
+        known = {0} | {v for c in per_case for v in c["reference_values"]} | {v for item in items for v in item}
+        source = "values of the references and the evaluated labels"
+    warnings += unknown_value_warnings(per_case, known, source)
+    if warnings and strict:
+        raise EvaluationError("--strict: " + "\n  ".join(warnings)
+                              + "\nFix the predictions, or run without --strict to get the scores with warnings.")
 
     results = {
         "reference_folder": os.path.abspath(ref_folder),
@@ -394,6 +471,7 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
                    "assd = MedPy binary.assd (mean of the pooled surface distances of both directions)",
         },
         "per_case": per_case,
+        "warnings": warnings,
     }
     results.update(aggregate(per_case, keys))
     if output_file is not None:
@@ -423,6 +501,8 @@ def _atomic_write_text(path: str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        from nnunetv2_semiseg.utilities.safe_io import apply_umask
+        apply_umask(tmp, is_dir=False)  # mkstemp creates 0600; a plain open() would follow the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -471,7 +551,9 @@ def format_markdown(results: dict) -> str:
     header = ("| class | Dice (%) | Jaccard (%) | 95HD (voxel) | ASD (voxel) | 95HD (mm) | ASD (mm) |\n"
               "|---|---|---|---|---|---|---|")
     lines = [header]
-    rows = [(f"{k} ({results['label_names'][k]})" if results["label_names"][k] != k else k, results["mean"][k])
+    undefined = results.get("undefined_labels", [])
+    rows = [((f"{k} ({results['label_names'][k]})" if results["label_names"][k] != k else k)
+             + (" not defined" if k in undefined else ""), results["mean"][k])
             for k in results["labels"]]
     if len(rows) > 1 or not rows:
         rows.append(("mean (foreground)", results["foreground_mean"]))
@@ -488,6 +570,9 @@ def format_markdown(results: dict) -> str:
     if excluded:
         notes.append("Distances undefined (exactly one mask empty) and excluded from the means: "
                      + ", ".join(excluded) + ".")
+    if undefined:
+        notes.append(f"Not defined: {', '.join(undefined)} (absent from every reference and every prediction; "
+                     f"no score, left out of the mean over classes).")
     if results["missing_predictions"]:
         notes.append(f"--chill: {len(results['missing_predictions'])} reference case(s) without prediction were "
                      f"skipped.")
@@ -535,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chill", action="store_true",
                         help="evaluate only the predicted cases when some reference cases have no prediction")
     parser.add_argument("-np", type=int, default=1, help="number of worker processes (default 1)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail (exit 2) instead of warning when a prediction holds values that are no label, or "
+                             "when prediction and reference differ in origin or direction")
     return parser
 
 
@@ -546,6 +634,21 @@ def resolve_output_file(out: Optional[str], pred_folder: str) -> str:
     return os.path.join(out, DEFAULT_OUTPUT_NAME + ".json")
 
 
+def check_output_file(output_file: str) -> None:
+    """The JSON/CSV outputs must be files that can be (re)written: not existing folders, not below a file."""
+    csv_file = (output_file[:-5] if output_file.lower().endswith(".json") else output_file) + ".csv"
+    for path in (output_file, csv_file):
+        if os.path.isdir(path):
+            raise EvaluationError(f"output {path} exists and is a folder; pass -o with a .json file name or a "
+                                  f"folder (the outputs are then {DEFAULT_OUTPUT_NAME}.json/.csv inside it)")
+    parent = os.path.dirname(os.path.abspath(output_file))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise EvaluationError(f"output {output_file} cannot be written: {parent} exists and is a file, not a "
+                              f"folder; pass another -o")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -553,12 +656,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("-np must be >= 1")
     output_file = resolve_output_file(args.o, args.pred)
     try:
+        check_output_file(output_file)
         results = evaluate_folders(args.ref, args.pred, labels=args.l, lcc=args.lcc, dataset_json=args.dj,
                                    empty_convention=args.empty, chill=args.chill, num_processes=args.np,
-                                   output_file=output_file)
+                                   output_file=output_file, strict=args.strict)
     except EvaluationError as e:
         print(f"nnUNetv2_semiseg_evaluate: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. no permission to write the outputs
+        print(f"nnUNetv2_semiseg_evaluate: error: cannot write {output_file}: {e}", file=sys.stderr)
+        return 2
+    for warning in results["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(format_markdown(results))
     csv_file = output_file[:-5] + ".csv"
     print(f"\nWrote {output_file} and {csv_file}")
