@@ -1,0 +1,196 @@
+"""Losses of the dual-network method (AIPMLab, "Semi-Supervised Medical Image Segmentation via Dual Networks").
+
+Every function is pure: tensors in, a scalar (or a mask) out, float32, no trainer state. Softmax layout only
+(probabilities over the class axis 1; one class per voxel). Sources are the paper ([S4],
+``shared/papers/dual_networks_ssl.txt``; its equations were lost in extraction, so the formulas are rebuilt from its
+prose) and the released code (AIP ``train_LA.py``, read through ``shared/docs/methods.md`` §5.2). Which detach
+points and normalisations are the paper's intent and which are the code's is listed per function and in
+``docs/dualstream.md``.
+"""
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Guard against log(0) in entropies of saturated softmax outputs (float32).
+ENTROPY_EPSILON = 1e-10
+
+
+def voxel_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """H_v = -sum_c p_v,c log(p_v,c + 1e-10)  (paper Eq. 3, computed on probabilities as in LUSEG, not on logits
+    as the released code's bug does). probabilities (B, C, *spatial) -> (B, *spatial)."""
+    p = probabilities.float()
+    return -(p * torch.log(p + ENTROPY_EPSILON)).sum(1)
+
+
+def high_entropy_mask(entropy: torch.Tensor, percentile: float = 80.0) -> torch.Tensor:
+    """True for the voxels above the ``percentile``-th percentile of entropy over ALL voxels of the tensor (paper:
+    "the 80th percentile of the entropy values across all pixels").
+
+    Exactly round(n * (100 - percentile) / 100) voxels are marked, the highest-entropy ones (ties broken by
+    ``torch.topk``), so the filtered fraction does not depend on how many voxels share the threshold value.
+    """
+    flat = entropy.reshape(-1)
+    num_ignored = int(round(flat.numel() * (100.0 - float(percentile)) / 100.0))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if num_ignored > 0:
+        mask[torch.topk(flat, num_ignored, largest=True, sorted=False).indices] = True
+    return mask.reshape(entropy.shape)
+
+
+def entropy_filtered_pseudo_label_loss(student_logits: torch.Tensor, pseudo_label: torch.Tensor,
+                                       ignore: torch.Tensor) -> torch.Tensor:
+    """L_unsup = sum_v 1[v valid] CE(z_v, yhat_v) / sum_v 1[v valid]   (paper Eq. 4).
+
+    The paper writes the mean over B*H*W*D voxels rescaled by B*H*W*D / #valid, which is the same number.
+    ``student_logits`` (B, C, *spatial) are the learning stream's live logits; ``pseudo_label`` (B, *spatial) the
+    teaching stream's argmax (no gradient); ``ignore`` (B, *spatial) the high-entropy voxels. Zero (with a graph to
+    the logits) when every voxel is ignored.
+    """
+    ce = F.cross_entropy(student_logits.float(), pseudo_label.long(), reduction='none')
+    valid = (~ignore).float()
+    return (ce * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def uncertainty_weighted_pseudo_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                           temperature: float = 0.5, tempered_kl: bool = True) -> torch.Tensor:
+    """L_u = mean_v( exp(-KL_v) * CE(z_v, yhat_v) ) + mean_v( KL_v )   (paper Eq. 7-9; URPC form, Luo et al. 2021).
+
+        q = softmax(sg(z_teacher) / T),  yhat = argmax q,  KL_v = sum_c q_v,c (log q_v,c - log softmax(z_student)_v,c)
+
+    The teaching side is detached: only the learning stream receives gradient (through CE and through both KL
+    terms; exp(-KL) is not detached, as in URPC and the released code). ``tempered_kl=True`` (paper intent: "we
+    sharpen the softmax probabilities by dividing the logits by a temperature") uses the sharpened q in the KL;
+    ``False`` is the released code, whose KL uses the untempered softmax, so that T has no effect at all (argmax is
+    invariant to it).
+    """
+    teacher = teacher_logits.detach().float()
+    log_student = F.log_softmax(student_logits.float(), 1)
+    pseudo_label = teacher.argmax(1)  # = argmax of softmax(teacher / T) for every T > 0
+    log_q = F.log_softmax(teacher / temperature if tempered_kl else teacher, 1)
+    kl = (log_q.exp() * (log_q - log_student)).sum(1)
+    ce = F.nll_loss(log_student, pseudo_label, reduction='none')
+    return torch.mean(torch.exp(-kl) * ce) + torch.mean(kl)
+
+
+def cosine_consistency(probabilities_a: torch.Tensor, probabilities_b: torch.Tensor) -> torch.Tensor:
+    """L_reg = mean_v (1 - <p_A,v, p_B,v> / (||p_A,v|| ||p_B,v||))   (paper Eq. 5-6; cosine over the class axis).
+
+    No stop-gradient: both streams are pulled towards each other (paper and released code).
+    """
+    return torch.mean(1.0 - F.cosine_similarity(probabilities_a.float(), probabilities_b.float(), dim=1, eps=1e-8))
+
+
+def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, reliable: torch.Tensor,
+                     num_classes: int) -> Dict[int, torch.Tensor]:
+    """mu_c = (1 / |R_c|) sum_{v in R_c} e_v  (paper Eq. 10): mean embedding of the reliable voxels of class c.
+
+    embeddings (B, D, *spatial), labels (B, *spatial) class map, reliable (B, *spatial). Classes without reliable
+    voxels have no prototype (absent from the returned dict). The result carries the gradient of ``embeddings``.
+    """
+    d = embeddings.shape[1]
+    flat = embeddings.float().movedim(1, -1).reshape(-1, d)
+    labels, reliable = labels.reshape(-1), reliable.reshape(-1)
+    prototypes = {}
+    for c in range(num_classes):
+        members = (labels == c) & reliable
+        if bool(members.any()):
+            prototypes[c] = flat[members].mean(0)
+    return prototypes
+
+
+def normalised_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """d(a, b) = ||a / ||a|| - b / ||b|| ||_2 per row (in [0, 2]); the released code's distance (``torch.cdist`` of
+    L2-normalised vectors). a (n, D), b (D,) or (n, D) -> (n,)."""
+    return torch.linalg.vector_norm(F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1), dim=-1)
+
+
+def prototype_contrast_loss(embeddings: torch.Tensor, labels: torch.Tensor, reliable: torch.Tensor,
+                            num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L_con = (1/|K|) sum_{c in K} mean_{v in U_c} d(e_v, sg(mu_c))  +  (1/|P|) sum_{(i,j) in P} (2 - d(mu_i, mu_j))
+    (paper Eq. 10-11, multi-class form).
+
+    U_c = uncertain (not reliable) voxels of class c, K = classes with a prototype and uncertain voxels, P = pairs of
+    prototypes. First part: uncertain voxels are pulled to their class prototype; the prototype is detached there so
+    that the pull moves the uncertain voxels, not the reliable ones that define the prototype. Second part: the
+    prototypes are pushed apart, the sign the paper intends (the released code adds +d, pulling them together);
+    2 - d is -d shifted by its maximum so the term stays non-negative. Binary data gives the paper's three terms
+    (fg pull, bg pull, fg/bg separation). Returns (pull, separation); each is an exact zero with a graph to
+    ``embeddings`` when it has no voxels or pairs.
+    """
+    prototypes = class_prototypes(embeddings, labels, reliable, num_classes)
+    d = embeddings.shape[1]
+    flat = embeddings.float().movedim(1, -1).reshape(-1, d)
+    flat_labels, uncertain = labels.reshape(-1), ~reliable.reshape(-1)
+    zero = flat.sum() * 0.0
+    pulls = []
+    for c, mu in prototypes.items():
+        members = (flat_labels == c) & uncertain
+        if bool(members.any()):
+            pulls.append(normalised_distance(flat[members], mu.detach()).mean())
+    pull = torch.stack(pulls).mean() if pulls else zero
+    classes = sorted(prototypes)
+    pairs = [(i, j) for n, i in enumerate(classes) for j in classes[n + 1:]]
+    if pairs:
+        separation = torch.stack([2.0 - normalised_distance(prototypes[i], prototypes[j]) for i, j in pairs]).mean()
+    else:
+        separation = zero
+    return pull + zero, separation + zero
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The released code's supervised pieces (MCF lineage), for the code-faithful variant
+# ------------------------------------------------------------------------------------------------------------------
+def squared_foreground_dice_loss(probabilities: torch.Tensor, target: torch.Tensor,
+                                 smooth: float = 1e-5) -> torch.Tensor:
+    """Dice_fg = mean over foreground classes c >= 1 of 1 - (2 sum p_c y_c + s) / (sum p_c^2 + sum y_c^2 + s).
+
+    MCF ``dice_loss`` (squared denominator, s = 1e-5) on the foreground probability, summed over the whole batch;
+    the released binary code calls it once on channel 1, which this is for two classes.
+    probabilities (B, C, *spatial), target (B, *spatial) integer labels.
+    """
+    p = probabilities.float()
+    losses = []
+    for c in range(1, p.shape[1]):
+        y = (target == c).float()
+        intersect = (p[:, c] * y).sum()
+        losses.append(1.0 - (2.0 * intersect + smooth) / ((p[:, c] ** 2).sum() + (y ** 2).sum() + smooth))
+    return torch.stack(losses).mean()
+
+
+def cross_reliable_mistake_loss(probabilities: torch.Tensor, target: torch.Tensor, probabilities_a: torch.Tensor,
+                                probabilities_b: torch.Tensor, confidence: float = 0.6) -> torch.Tensor:
+    """mistake = sum_v m_v * sum_{c>=1} (p_v,c - y_v,c)^2 / (sum_v m_v + 1e-16)   (MCF "cross reliable" term).
+
+        m_v = [A confidently predicts foreground at v] XOR [B confidently predicts foreground at v],
+        "confidently foreground" = argmax != 0 and max probability >= ``confidence`` (0.6).
+
+    ``probabilities`` are the stream the term trains (live); the mask comes from both streams without gradient.
+    y is the one-hot target; for two classes the inner sum is (p_fg - y)^2 as in the released code (MCF's
+    ``softmax_mse_loss`` there is a plain squared difference of probabilities).
+    """
+    with torch.no_grad():
+        def confident_foreground(p: torch.Tensor) -> torch.Tensor:
+            top, label = p.float().max(1)
+            return (label != 0) & (top >= confidence)
+        mask = (confident_foreground(probabilities_a) ^ confident_foreground(probabilities_b)).float()
+    p = probabilities.float()
+    one_hot = F.one_hot(target.long(), p.shape[1]).movedim(-1, 1).float()
+    squared = ((p[:, 1:] - one_hot[:, 1:]) ** 2).sum(1)
+    return (mask * squared).sum() / (mask.sum() + 1e-16)
+
+
+def released_supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CE(z, y) + Dice_fg(softmax(z), y): the released code's supervised loss per network, full resolution."""
+    return F.cross_entropy(logits.float(), target.long()) + squared_foreground_dice_loss(
+        torch.softmax(logits.float(), 1), target)
+
+
+def ensemble_log_probabilities(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """log((softmax(z_A) + softmax(z_B)) / 2), computed stably as logsumexp of the two log-softmaxes - log 2.
+
+    nnU-Net's predictor applies softmax and argmax to what the network returns; softmax of this is exactly the
+    averaged probabilities, so stock prediction reproduces the released code's ensemble (mean of both softmaxes).
+    """
+    stacked = torch.stack((F.log_softmax(logits_a.float(), 1), F.log_softmax(logits_b.float(), 1)))
+    return torch.logsumexp(stacked, 0) - torch.log(torch.tensor(2.0, device=logits_a.device))
