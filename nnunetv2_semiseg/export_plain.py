@@ -103,7 +103,8 @@ TEMP_PREFIX, OLD_PREFIX = '.tmp_export_', '.old_export_'
 
 
 def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence[str]] = None,
-                 checkpoint_name: str = 'checkpoint_final.pth', overwrite: bool = False) -> str:
+                 checkpoint_name: str = 'checkpoint_final.pth', overwrite: bool = False,
+                 stream: Optional[str] = None) -> str:
     from nnunetv2_semiseg.utilities import safe_io
     for required in ('dataset.json', 'plans.json'):
         if not os.path.isfile(os.path.join(model_folder, required)):
@@ -128,14 +129,24 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
                 raise ExportError(f'{source} not found.')
             checkpoint = load_checkpoint_file(source)
             plain = plain_checkpoint(checkpoint)
-            check_loads_into_stock_network(plain['network_weights'], model_folder,
-                                           plain['init_args']['configuration'])
+            # nnUNetTrainerDualStream: one stream (default A) under stock keys; for B the copied plans.json is
+            # rewritten to its ResidualEncoderUNet, so the check below runs against the copies in tmp.
+            from nnunetv2_semiseg.networks.dualstream import select_stream_for_export
+            try:
+                exported_stream = select_stream_for_export(plain, tmp, stream)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+            if exported_stream is not None:
+                print(f'{fold_dir}: exporting stream {exported_stream} of {plain["exported_from_trainer"]} '
+                      f'(--stream A|B chooses; the trained model itself predicts the ensemble of both)')
+            check_loads_into_stock_network(plain['network_weights'], tmp, plain['init_args']['configuration'])
             os.makedirs(os.path.join(tmp, fold_dir))
             # Stock predict_from_raw_data loads 'checkpoint_final.pth' unless told otherwise with -chk.
             torch.save(plain, os.path.join(tmp, fold_dir, checkpoint_name))
         with open(os.path.join(tmp, 'semiseg_export.json'), 'w') as f:
             json.dump({'exported_from': os.path.abspath(model_folder), 'folds': fold_dirs,
-                       'checkpoint': checkpoint_name, 'dropped_prefixes': list(TRAINING_ONLY_PREFIXES)}, f, indent=2)
+                       'checkpoint': checkpoint_name, 'dropped_prefixes': list(TRAINING_ONLY_PREFIXES),
+                       'stream': exported_stream}, f, indent=2)
         safe_io.finish_temp_dir(tmp)
         old = None
         if os.path.exists(output_folder):
@@ -170,9 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('-f', nargs='+', default=None, help='Folds to export (default: all with a checkpoint)')
     parser.add_argument('-chk', default='checkpoint_final.pth', help='Checkpoint name (default checkpoint_final.pth)')
     parser.add_argument('--overwrite', action='store_true', help='Replace an existing output folder')
+    parser.add_argument('--stream', choices=['A', 'B'], default=None,
+                        help='nnUNetTrainerDualStream models only: which stream to export (default A, the plain '
+                             'U-Net; B is the residual-encoder U-Net)')
     args = parser.parse_args(argv)
     try:
-        out = export_plain(args.i, args.o, args.f, args.chk, args.overwrite)
+        out = export_plain(args.i, args.o, args.f, args.chk, args.overwrite, args.stream)
     except ExportError as e:
         print(f'ERROR: {e}', file=sys.stderr)
         sys.exit(1)

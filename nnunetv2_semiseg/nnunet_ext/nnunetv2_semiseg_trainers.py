@@ -9,3 +9,9 @@ from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_lowestScoreProtot
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_noLDS  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_noCS  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_KL  # noqa: F401
+from nnunetv2_semiseg.trainers.dualstream import (nnUNetTrainerDualStream,  # noqa: F401
+                                                  nnUNetTrainerDualStream_noConsistency,
+                                                  nnUNetTrainerDualStream_noContrast,
+                                                  nnUNetTrainerDualStream_noUncertainty,
+                                                  nnUNetTrainerDualStream_releasedCode,
+                                                  nnUNetTrainerDualStream_resEncM)
