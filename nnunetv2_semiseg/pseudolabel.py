@@ -215,10 +215,12 @@ def _check_model(model_folder: str, explicit: bool, train_id, configuration: str
     return model_folder
 
 
-def _collect_cases(raw_folder: str, dataset_json: dict):
-    """(labeled {id: {'images', 'label'}}, unlabeled {id: [channel files]}), checked for clashes and missing files."""
+def _collect_cases(raw_folder: str, dataset_json: dict, allow_test_ids: bool = False):
+    """(labeled {id: {'images', 'label'}}, unlabeled {id: [channel files]}), checked for clashes and missing files,
+    unlabeled IDs in imagesTs, truncated images and wrong dimensionality (as unlabeled preprocessing does)."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from nnunetv2_semiseg.data.preprocess_unlabeled import UnlabeledPreprocessingError, find_unlabeled_cases
+    from nnunetv2_semiseg.data.preprocess_unlabeled import (UnlabeledPreprocessingError, check_not_test_cases,
+                                                            check_unlabeled_images, find_unlabeled_cases)
 
     unlabeled_folder = os.path.join(raw_folder, UNLABELED_FOLDER)
     ending = dataset_json['file_ending']
@@ -241,6 +243,9 @@ def _collect_cases(raw_folder: str, dataset_json: dict):
     if clashes:
         raise PseudoLabelError(f'Unlabeled case ID(s) {clashes} in {unlabeled_folder} equal labeled case IDs: their '
                                f'pseudo-labels would replace real labels. Rename the unlabeled files.')
+    check_not_test_cases(unlabeled, raw_folder, dataset_json, allow_test_ids, error=PseudoLabelError)
+    for warning in check_unlabeled_images(unlabeled, raw_folder, dataset_json, error=PseudoLabelError):
+        print(f'WARNING: {warning}', file=sys.stderr)
     return labeled, unlabeled
 
 
@@ -281,7 +286,8 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
                              num_processes: Optional[int] = None, disable_tta: bool = False,
                              overwrite: bool = False, step_size: float = 0.5,
                              prev_stage_predictions: Optional[str] = None, hardlink: bool = False,
-                             model_folder: Optional[str] = None, verbose: bool = True) -> str:
+                             model_folder: Optional[str] = None, verbose: bool = True,
+                             allow_test_ids: bool = False) -> str:
     """Predict ``imagesUnlabeled/`` of a dataset with a trained model and write a new raw dataset (labeled +
     pseudo-labeled). Returns the new raw dataset folder ``nnUNet_raw/Dataset{new_dataset_id:03d}_{name}``.
 
@@ -292,7 +298,8 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
     trained on an earlier pseudo-labeled dataset, for a further self-training round) instead of the source dataset's
     model named by ``configuration``/``trainer``/``plans`` (which are then read from the folder name; pass None).
     ``hardlink`` hard-links labeled/test files instead of copying them (falls back to copying across file systems;
-    note that a file edited in place then changes in both datasets).
+    note that a file edited in place then changes in both datasets). ``allow_test_ids`` accepts unlabeled cases
+    whose IDs are test cases in ``imagesTs/`` (transductive use).
     """
     roots = _require_roots('nnUNet_raw', 'nnUNet_results')
     try:
@@ -302,6 +309,9 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
                                f'-o.') from None
     if num_processes is not None:
         num_processes_preprocessing = num_processes_segmentation_export = int(num_processes)
+    for flag, value in (('-npp', num_processes_preprocessing), ('-nps', num_processes_segmentation_export)):
+        if int(value) < 0:
+            raise PseudoLabelError(f'{flag} {value}: process counts must be >= 0 (0 = predict in this process).')
     folds = _parse_folds(fold)
 
     source_name = _resolve_source(dataset_name_or_id)
@@ -328,7 +338,13 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
         model_folder = _check_model(_default_model_folder(source_name, configuration, trainer, plans), False,
                                     source_id, configuration, trainer, plans, folds, checkpoint)
     _check_model_matches_raw(model_folder, dataset_json_file, dataset_json)
-    labeled, unlabeled = _collect_cases(raw_folder, dataset_json)
+    from nnunetv2_semiseg.utilities import safe_io
+    try:
+        safe_io.check_output_location(os.path.join(roots['nnUNet_raw'], new_folder_name), [raw_folder, model_folder],
+                                      what='new dataset folder')
+    except safe_io.UnsafeOutputError as e:
+        raise PseudoLabelError(f'{e} Pass another -o/--name.') from None
+    labeled, unlabeled = _collect_cases(raw_folder, dataset_json, allow_test_ids)
     torch_device = _torch_device(device)
     ending = dataset_json['file_ending']
 
@@ -337,8 +353,10 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
             print(msg, flush=True)
 
     target = os.path.join(roots['nnUNet_raw'], new_folder_name)
-    tmp = os.path.join(roots['nnUNet_raw'], f'.tmp_pseudolabel_{new_folder_name}_{uuid.uuid4().hex[:8]}')
-    os.makedirs(tmp)
+    # Leftovers of killed runs for this dataset (their process is gone); a live run's folders are kept.
+    safe_io.remove_stale_temp_dirs(roots['nnUNet_raw'], (f'.tmp_pseudolabel_{new_folder_name}_',
+                                                         f'.old_pseudolabel_{new_folder_name}_'))
+    tmp = safe_io.make_temp_dir(roots['nnUNet_raw'], f'.tmp_pseudolabel_{new_folder_name}_')
     try:
         images_tr, labels_tr = os.path.join(tmp, 'imagesTr'), os.path.join(tmp, 'labelsTr')
         os.makedirs(images_tr)
@@ -429,9 +447,11 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
         _json_dump(manifest, os.path.join(tmp, MANIFEST_FILENAME))
 
         # 5) into place
+        safe_io.finish_temp_dir(tmp)
         if replaced is not None:
             trash = os.path.join(roots['nnUNet_raw'], f'.old_pseudolabel_{new_folder_name}_{uuid.uuid4().hex[:8]}')
             os.replace(replaced, trash)
+            safe_io.mark_owned(trash)
             os.replace(tmp, target)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -537,6 +557,17 @@ def write_real_only_splits(new_dataset_name_or_id, overwrite: bool = False, verb
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
+def _non_negative_int(text: str) -> int:
+    """argparse type for -npp/-nps: an integer >= 0 (0 = no worker processes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{value} processes: pass 0 (no workers) or more')
+    return value
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name) or default)
@@ -573,16 +604,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                        "CUDA_VISIBLE_DEVICES")
     parser.add_argument('--disable_tta', action='store_true', help='Predict without mirroring (faster, less accurate)')
     parser.add_argument('-step_size', type=float, default=0.5, help='Sliding-window step size. Default: 0.5')
-    parser.add_argument('-npp', type=int, default=_env_int('nnUNet_npp', 3),
+    parser.add_argument('-npp', type=_non_negative_int, default=_env_int('nnUNet_npp', 3),
                         help='Processes for preprocessing during prediction. Default: 3 (env nnUNet_npp). '
                              '-npp 0 -nps 0 predicts in this process, without workers')
-    parser.add_argument('-nps', type=int, default=_env_int('nnUNet_nps', 3),
+    parser.add_argument('-nps', type=_non_negative_int, default=_env_int('nnUNet_nps', 3),
                         help='Processes for exporting the predictions. Default: 3 (env nnUNet_nps)')
     parser.add_argument('-prev_stage_predictions', default=None,
                         help='Cascade only: folder with the previous stage\'s predictions of the unlabeled cases')
     parser.add_argument('--hardlink', action='store_true',
                         help='Hard-link the labeled and test files instead of copying them (copies when linking is '
                              'impossible). Saves disk; a file edited in place then changes in both datasets')
+    parser.add_argument('--allow_test_ids', action='store_true',
+                        help='Accept unlabeled cases whose IDs are test cases in imagesTs (transductive use only: the '
+                             'test scores are then not those of the standard protocol)')
     parser.add_argument('--overwrite', action='store_true',
                         help='Replace an existing DatasetNEW_<name> written by this command (with --splits_real_only: '
                              'replace an existing splits_final.json)')
@@ -617,7 +651,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
                                  disable_tta=args.disable_tta, overwrite=args.overwrite, step_size=args.step_size,
                                  prev_stage_predictions=args.prev_stage_predictions, hardlink=args.hardlink,
-                                 model_folder=args.m)
+                                 model_folder=args.m, allow_test_ids=args.allow_test_ids)
     except PseudoLabelError as e:
         print(f'nnUNetv2_semiseg_pseudolabel: error: {e}', file=sys.stderr)
         sys.exit(1)
