@@ -66,6 +66,7 @@ SUPERVISED_TRAINER = 'nnUNetTrainer_semisegSchedule'
 DEFAULT_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', 'selftrain', 'nnUNetTrainerSSNet']
 SMOKE_METHODS = ['supervised_a', 'nnUNetTrainerMeanTeacher']
 DEFAULT_SEED = 12345
+MAIN_PROTOCOL = 'accuracy_la_labeled2_it300_test12'   # the evidence protocol: its figure is docs/figures/accuracy_la.png
 
 # dataset IDs: (a) per label budget, (b), self-training union per label budget; smoke datasets separately
 DATASET_IDS = {('a', 2): 951, ('b', None): 952, ('a', 1): 953, ('self', 2): 954, ('self', 1): 955,
@@ -378,6 +379,33 @@ def merge_row(args, results: Dict, row: Dict) -> None:
         results.clear()
         results.update(fresh)
         render(args, results)
+        render_summary(args)
+
+
+def summary_figure_path(args) -> str:
+    if args.smoke:
+        return os.path.join(args.work, 'accuracy_la_smoke.png')
+    name = 'accuracy_la' if args.results_base == MAIN_PROTOCOL else args.results_base
+    return os.path.join(REPO, 'docs', 'figures', name + '.png')
+
+
+def render_summary(args) -> None:
+    """The across-seed section (paired statistics) and its figure, from every seed's JSON of this protocol."""
+    import accuracy_report
+    s = settings(args)
+    epochs, iterations = s['epochs'], s['iterations_per_epoch']
+    length = f'{epochs * iterations} iterations' if epochs else "nnU-Net's full schedule"
+    title = (f'Accuracy on real LA data across seeds: {s["labeled"]} labeled, {s["device"].upper()}, {length}, '
+             f'{s["num_test"]} test cases')
+    description = (f'Every seed of this protocol (`{args.results_base}*.json`), {s["num_train"]} training cases '
+                   f'({s["labeled"]} labeled for (a), all for supervised_b), {s["num_test"]} test cases, '
+                   f'{s["spacing_mm"]} mm; per-seed tables below.')
+    data = accuracy_report.update(os.path.dirname(args.results), os.path.basename(args.results_base)
+                                  if not args.smoke else 'accuracy_la_smoke', DEFAULT_SEED, args.markdown,
+                                  args.summary_key, summary_figure_path(args), title, description)
+    if data['dice']:
+        log(f'across-seed summary written to {args.markdown} (section {args.summary_key}), figure '
+            f'{summary_figure_path(args)}')
 
 
 def settings(args) -> Dict:
@@ -415,8 +443,8 @@ def render(args, results: Dict) -> None:
     seed_flag = f' --seed {s["seed"]}' if s['seed'] != DEFAULT_SEED else ''
     lines = [f'### Accuracy on real LA data: {s["labeled"]} labeled cases, {s["device"].upper()}, {length}'
              + (f', seed {s["seed"]}' if seed_flag else ''), '',
-             f'`benchmarks/accuracy_la.py` ({s["data"]}: the first 20 training IDs and first 4 test IDs of the '
-             f'UA-MT split; here {s.get("num_train") or 20} training and {s.get("num_test") or 4} test cases), '
+             f'`benchmarks/accuracy_la.py` ({s["data"]}: every training and test ID of the UA-MT split present '
+             f'in the subset; here {s.get("num_train") or 20} training and {s.get("num_test") or 4} test cases), '
              f'converted with `nnUNetv2_semiseg_convert_LA` and resampled to {s["spacing_mm"]} mm '
              f'isotropic. (a) = {s["labeled"]} labeled + the other training cases unlabeled, (b) = all training '
              f'cases labeled (the upper bound); the same test cases for all. Stock `nnUNetv2_plan_and_preprocess` (`3d_fullres`, `nnUNetPlans`), '
@@ -543,17 +571,21 @@ def main(argv=None) -> int:
                                                                  f'_{args.schedule}')
     if not args.smoke and args.num_test != 4:  # the 12-case protocol: own files, the 4-case tables stay as they were
         tag += f'_test{args.num_test}'
+    base_tag = tag
     if not args.smoke and args.seed != DEFAULT_SEED:  # another seed = its own JSON and table (seed-to-seed spread)
         tag += f'_seed{args.seed}'
     args.results_tag = tag
+    # every seed's JSON of one protocol shares this base name; accuracy_report.py summarises them together
+    args.results_base = f'accuracy_la_{base_tag}' + ('' if args.device == 'cpu' else f'_{args.device}')
+    args.summary_key = f'accuracy_la:summary:{args.device}:{base_tag.replace("_", ":")}'
     args.section_key = f'accuracy_la:{args.device}:{tag.replace("_", ":")}'
     if args.work is None:
         args.work = os.path.join(tempfile.gettempdir(), 'semiseg_accuracy_la' + ('_smoke' if args.smoke else ''))
     args.work = os.path.abspath(args.work)
     if args.results is None:
         args.results = os.path.join(args.work, 'results', 'accuracy_la_smoke.json') if args.smoke else \
-            os.path.join(SCRIPT_DIR, 'results', f'accuracy_la_{tag}' +
-                         ('' if args.device == 'cpu' else f'_{args.device}') + '.json')
+            os.path.join(SCRIPT_DIR, 'results', args.results_base +
+                         ('' if args.seed == DEFAULT_SEED else f'_seed{args.seed}') + '.json')
     if args.markdown is None:
         args.markdown = os.path.join(args.work, 'benchmarks_smoke.md') if args.smoke else \
             os.path.join(REPO, 'docs', 'benchmarks.md')
@@ -566,6 +598,7 @@ def main(argv=None) -> int:
             with open(args.results, 'w') as f:
                 json.dump(results, f, indent=1, sort_keys=True)
         render(args, results)
+        render_summary(args)
         return 0
     methods = args.method or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)
 
