@@ -115,6 +115,9 @@ def _load_nrrd(task: CaseTask, need_label: bool):
     except RuntimeError as e:
         raise ConversionError(f"Case {task.case_id}: cannot read {image_path} ({str(e).strip().splitlines()[-1]}); "
                               f"re-download it from {RAW_RELEASE}.") from None
+    if img.GetDimension() != 3:
+        raise ConversionError(f"Case {task.case_id}: {image_path} is a {img.GetDimension()}D image, expected a 3D "
+                              f"LGE-MRI volume; re-download it from {RAW_RELEASE} or exclude the case from the lists.")
     image = sitk.GetArrayFromImage(img).astype(np.float32)
     label = None
     if need_label:

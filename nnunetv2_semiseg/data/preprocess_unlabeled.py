@@ -165,7 +165,7 @@ def _axis_code(direction, dimension: int) -> str:
     """Orientation as the axis letters of the direction cosines (e.g. 'LPS'); nearest axis per column."""
     import numpy as np
     matrix = np.asarray(direction, dtype=float).reshape(dimension, dimension)
-    letters = ('LR', 'PA', 'IS')[:dimension]
+    letters = ('LR', 'PA', 'SI')[:dimension]  # DICOM convention: identity = LPS
     code = ''
     for column in matrix.T:
         axis = int(np.argmax(np.abs(column)))
