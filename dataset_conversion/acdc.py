@@ -315,6 +315,7 @@ def convert(args: argparse.Namespace) -> Path:
                  for role, pats in roles for p in pats for frame in patient_frames(fmt, p, patients[p])]
         infos = common.parallel_map(convert_case, tasks, args.num_processes, desc=f"ACDC ({fmt})")
         cases_of = {role: [t.frame.case_id for t in tasks if t.role == role] for role, _ in roles}
+        common.spacing_outlier_warnings({i["case"]: i["spacing_xyz"] for i in infos}, cases_of[common.ROLE_LABELED])
         common.write_dataset_json(
             writer.tmp, channel_names={0: normalization}, labels=LABELS,
             num_training=len(cases_of[common.ROLE_LABELED]),

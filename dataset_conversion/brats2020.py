@@ -35,8 +35,8 @@ import numpy as np
 from dataset_conversion.common import (
     ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_ids_known,
     check_image_integrity, check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list,
-    output_paths, parallel_map, read_id_list, resolve_output_root, resolve_split, run_main, write_dataset_json, write_json,
-    write_split_manifest)
+    output_paths, parallel_map, read_id_list, spacing_outlier_warnings, resolve_output_root, resolve_split, run_main,
+    write_dataset_json, write_json, write_split_manifest)
 
 NUM_CASES = 369
 ALL_IDS = [f'BraTS20_Training_{i:03d}' for i in range(1, NUM_CASES + 1)]
@@ -319,7 +319,8 @@ def convert(args) -> Path:
     with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)) as writer:
         for job in jobs:
             job['out'] = str(writer.tmp)
-        parallel_map(convert_case, jobs, args.num_processes, desc='BraTS2020')
+        infos = parallel_map(convert_case, jobs, args.num_processes, desc='BraTS2020')
+        spacing_outlier_warnings({i['case_id']: i['spacing_xyz'] for i in infos}, assignment.labeled)
         _write_dataset_json(writer.tmp, modalities, labels, len(assignment.labeled), folder_name,
                             numUnlabeled=len(assignment.unlabeled), numTest=len(assignment.test), **region_extra)
         write_split_manifest(

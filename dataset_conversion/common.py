@@ -440,6 +440,34 @@ def check_image_integrity(path, case_id: str) -> None:
         raise ConversionError(f"Case {case_id}: {e} Re-download it or exclude the case from the lists.") from None
 
 
+# A case's spacing is "far" from the labeled cases' when it lies outside [smallest / 2, largest * 2] on some axis
+# (same rule as nnunetv2_semiseg's unlabeled preprocessing): the usual scanner spread passes, a wrong header does not.
+SPACING_FACTOR = 2.0
+
+
+def spacing_outlier_warnings(spacings: dict, labeled: Iterable[str], factor: float = SPACING_FACTOR) -> list[str]:
+    """Warnings (printed to stderr and returned) for cases whose spacing is far from the labeled cases'.
+
+    ``spacings``: {case ID: spacing (x, y, z)} of every converted case; ``labeled``: the labeled case IDs. nnU-Net
+    resamples every case to one target spacing, so such a case is silently stretched: most often a wrong header.
+    """
+    reference = [tuple(spacings[c]) for c in labeled if c in spacings]
+    if not reference:
+        return []
+    low = [min(r[a] for r in reference) for a in range(len(reference[0]))]
+    high = [max(r[a] for r in reference) for a in range(len(reference[0]))]
+    warnings = []
+    for case, spacing in spacings.items():
+        if any(not (lo / factor <= s <= hi * factor) for s, lo, hi in zip(spacing, low, high)):
+            warnings.append(f"Case {case}: spacing (x, y, z) {tuple(round(float(s), 4) for s in spacing)} is far from "
+                            f"the labeled cases' ({tuple(round(v, 4) for v in low)} .. "
+                            f"{tuple(round(v, 4) for v in high)}); nnU-Net will resample it to one target spacing. "
+                            f"Check its header (or --h5-spacing) if this is not intended.")
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    return warnings
+
+
 def write_nifti(array_zyx: np.ndarray, path: Path | str, spacing_xyz: Sequence[float],
                 origin_xyz: Sequence[float] | None = None, direction: Sequence[float] | None = None) -> None:
     """Write a 3D numpy array (SimpleITK order z, y, x) as NIfTI with the given physical geometry."""

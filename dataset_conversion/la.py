@@ -198,6 +198,7 @@ def convert(args: argparse.Namespace) -> Path:
                                    (common.ROLE_TEST, assignment.test))
                  for cid in ids]
         infos = common.parallel_map(convert_case, tasks, args.num_processes, desc=f"LA ({fmt})")
+        common.spacing_outlier_warnings({i["case"]: i["spacing_xyz"] for i in infos}, assignment.labeled)
         common.write_dataset_json(
             writer.tmp, channel_names={0: args.normalization}, labels=LABELS,
             num_training=len(assignment.labeled),

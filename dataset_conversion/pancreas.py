@@ -26,9 +26,9 @@ import numpy as np
 
 from dataset_conversion.common import (
     ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_image_integrity,
-    check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list, output_paths, parallel_map, read_h5,
-    read_id_list, resolve_output_root, resolve_split, run_main, write_dataset_json, write_nifti,
-    write_split_manifest)
+    check_label_values, check_labeled_in_train, spacing_outlier_warnings, dataset_folder_name, load_packaged_list,
+    output_paths, parallel_map, read_h5, read_id_list, resolve_output_root, resolve_split, run_main,
+    write_dataset_json, write_nifti, write_split_manifest)
 
 NUM_IDS = 82  # TCIA numbering 0001..0082 (v2 of the collection withdrew 0025 and 0070)
 # TCIA v2 withdrew these because they are the same scan as PANCREAS_0002: they must not sit on the other side of
@@ -376,6 +376,7 @@ def convert(args) -> Path:
     with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)) as writer:
         jobs = make_jobs(assignment, writer.tmp, fmt, sources, labels, args.label_geometry)
         results = parallel_map(convert_case, jobs, args.num_processes, desc='Pancreas-CT')
+        warnings += spacing_outlier_warnings({r['case_id']: r['spacing_xyz'] for r in results}, assignment.labeled)
         notes = {r['case_id']: r['note'] for r in results if r['note']}
         for r in results:
             if r['warning']:

@@ -42,8 +42,9 @@ def make_la_h5(root: Path, ids, shape_xyz=(16, 12, 8), label_dtype=np.uint8, lab
     return root
 
 
-def make_acdc_nifti(root: Path, patients, shape_zyx=(4, 12, 10)):
-    """ACDC layout <root>/training/patientXXX/{Info.cfg, patientXXX_frameYY[_gt].nii.gz}, frames 1 and 7."""
+def make_acdc_nifti(root: Path, patients, shape_zyx=(4, 12, 10), spacing=None):
+    """ACDC layout <root>/training/patientXXX/{Info.cfg, patientXXX_frameYY[_gt].nii.gz}, frames 1 and 7.
+    spacing: {patient: spacing (x, y, z)} instead of (1.5, 1.5, 10)."""
     for k, p in enumerate(patients):
         d = root / "training" / p
         d.mkdir(parents=True)
@@ -54,7 +55,7 @@ def make_acdc_nifti(root: Path, patients, shape_zyx=(4, 12, 10)):
             label[1:3, 2:5, 2:5] = 1
             for array, name in ((image, f"{p}_frame{frame:02d}.nii.gz"), (label, f"{p}_frame{frame:02d}_gt.nii.gz")):
                 img = sitk.GetImageFromArray(array)
-                img.SetSpacing((1.5, 1.5, 10.0))
+                img.SetSpacing((spacing or {}).get(p, (1.5, 1.5, 10.0)))
                 sitk.WriteImage(img, str(d / name))
     return root
 
@@ -181,6 +182,12 @@ def test_converter_rejects_truncated_nifti_and_2d_image(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "Case B" in err and "2D image" in err, err
+    # 3. A spacing 80x off the labeled cases' is converted, with a warning naming the case.
+    src = make_acdc_nifti(tmp_path / "acdc80", pats, spacing={"patient003": (120.0, 120.0, 800.0)})
+    assert acdc.main(["-i", str(src), "--output", str(tmp_path / "raw3"), *lists]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: Case patient003_frame01: spacing (x, y, z) (120.0, 120.0, 800.0) is far" in err, err
+    assert "patient001" not in err and "patient002" not in err
 
 
 # ---------------------------------------------------------------------------------------------------------------
