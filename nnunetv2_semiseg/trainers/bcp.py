@@ -1,0 +1,148 @@
+"""``nnUNetTrainerBCP``: bidirectional copy-paste (Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical
+Image Segmentation", CVPR 2023) as an nnU-Net v2 trainer.
+
+One ``nnUNetv2_train`` run holds both phases of the paper (released code ``DeepMed-Lab-ECNU/BCP``, LA: 2,000
+pre-training iterations, then 15,000 of self-training):
+
+    pre-training   (t < pretrain_fraction):   L = L_mix(x_a*M + x_b*(1-M), y_a*M + y_b*(1-M); weights 1, 1)
+    self-training  (t >= pretrain_fraction):  L = L_in + L_out
+        L_in  = L_mix(x_l*M + u*(1-M),   y_l*M + p*(1-M);   weights 1, u_weight)
+        L_out = L_mix(u'*M + x_l*(1-M),  p'*M + y_l*(1-M);  weights u_weight, 1)
+
+M: 1 outside one box covering ``beta`` of every spatial dimension (0 inside). L_mix: nnU-Net's deep-supervised
+DC+CE with region-weighted, region-normalised Dice and CE (:func:`~nnunetv2_semiseg.losses.copy_paste.
+region_weighted_dc_ce`). p: pseudo-labels of the EMA teacher (decay 0.99, initialised from the student once, at
+the phase switch), largest connected component per class. Mixing happens on the patches the loaders deliver,
+after nnU-Net's augmentation (docs/bcp.md says why). The student is what ``nnUNetv2_predict`` runs.
+
+Usage: ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerBCP`` (after
+``nnUNetv2_semiseg_preprocess_unlabeled``), then stock ``nnUNetv2_predict -tr nnUNetTrainerBCP``.
+"""
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+from nnunetv2_semiseg.trainers.bcp_components import BCPTeacher, BidirectionalCopyPaste
+from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+
+
+class RegionDatasetNotSupportedError(NotImplementedError):
+    pass
+
+
+class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
+    pretrain_fraction = 2000 / 17000        # LA: 2,000 pre-training of 17,000 iterations in all
+    mask_beta = 2 / 3                       # box edge = round(beta * patch edge), every spatial dimension
+    u_weight = 0.5                          # weight of pseudo-labelled voxels (ground-truth voxels: 1)
+    ema_decay = 0.99                        # constant, as the released code's update_model_ema
+    keep_largest_component = True           # pseudo-labels: largest connected component per foreground class
+    bidirectional = True                    # False: inward mixing only
+    mask_seed = None                        # None: drawn from numpy (nnUNet_semiseg_seed makes it repeatable)
+    loss_term_names = ('pretrain', 'inward', 'outward')
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise RegionDatasetNotSupportedError(
+                f'{type(self).__name__} does not support region-based (sigmoid) datasets: dataset.json of '
+                f'{self.plans_manager.dataset_name} defines regions ({self.label_manager.foreground_regions}), and '
+                f'copy-paste pseudo-labels and the region-weighted DC+CE are built for one label per voxel '
+                f'(softmax). Train it on a label map without "regions_class_order", or use another trainer.')
+
+    def initialize(self):
+        super().initialize()
+        self.copy_paste = BidirectionalCopyPaste(self.mask_beta, self.u_weight, self.keep_largest_component,
+                                                 self.bidirectional, self.mask_seed)
+        self.copy_paste.use_loss_pieces(**self.supervised_loss_pieces())
+        # Built from the unwrapped, rank-synchronised student; initialised from it again at the phase switch.
+        self.teacher = BCPTeacher(self.unwrapped_network, self.ema_decay).to(self.device)
+
+    def supervised_loss_pieces(self) -> dict:
+        """nnU-Net's DC+CE pieces (soft Dice module, Dice/CE weights, deep-supervision weights and scales)."""
+        loss = self.loss
+        ds_weights = None
+        if isinstance(loss, DeepSupervisionWrapper):
+            ds_weights, loss = loss.weight_factors, loss.loss
+        if not isinstance(loss, DC_and_CE_loss):
+            raise TypeError(f'{type(self).__name__} builds its region-weighted loss on nnU-Net\'s DC_and_CE_loss, '
+                            f'but _build_loss returned {type(loss).__name__}.')
+        return {'dice': loss.dc, 'weight_dice': loss.weight_dice, 'weight_ce': loss.weight_ce,
+                'ds_weights': ds_weights, 'ds_scales': self._get_deep_supervision_scales(),
+                'ignore_label': self.label_manager.ignore_label}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # phases
+    def switch_step(self) -> int:
+        """First optimizer step of the self-training phase."""
+        return int(round(self.pretrain_fraction * self.total_iterations()))
+
+    def in_pretraining(self) -> bool:
+        return self.global_iteration < self.switch_step()
+
+    def start_self_training_once(self) -> None:
+        if not self.teacher.initialised:
+            self.teacher.initialise_from(self.unwrapped_network)
+            self.print_to_log_file(f'BCP: self-training starts at step {self.global_iteration}; teacher '
+                                   f'initialised from the student.')
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.is_ddp else 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_loss_terms(self, data, target, unlabeled) -> Dict[str, torch.Tensor]:
+        labels = self.full_resolution(target)   # mixed at full resolution, then downsampled like nnU-Net's targets
+        mask = self.copy_paste.masks.mask(data.shape[2:], self.global_iteration, self.rank, data.device)
+        zero = data.new_zeros((), dtype=torch.float32)
+        if self.in_pretraining():
+            patches = self.copy_paste.pretraining_patches(data, labels, mask)
+            terms = self.copy_paste.direction_losses(self.network(patches.x), patches)
+            return {'loss': terms['pretrain'], 'pretrain': terms['pretrain'], 'inward': zero, 'outward': zero}
+
+        self.start_self_training_once()
+        u = unlabeled['data']
+        pseudo = self.copy_paste.pseudo_labels(self.teacher.teacher_logits(u, noise=False))
+        patches = self.copy_paste.self_training_patches(data, labels, u, pseudo, mask)
+        terms = self.copy_paste.direction_losses(self.network(patches.x), patches)
+        outward = terms.get('outward', zero)
+        return {'loss': terms['inward'] + outward, 'pretrain': zero, 'inward': terms['inward'], 'outward': outward}
+
+    def after_optimizer_step(self) -> None:
+        self.teacher.after_optimizer_step(self.unwrapped_network, self.global_iteration)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def semiseg_state(self) -> dict:
+        state = super().semiseg_state()
+        state['bcp_teacher'] = self.teacher.state_dict()
+        state[self.copy_paste.state_key] = self.copy_paste.state_dict()
+        return state
+
+    def load_semiseg_state(self, state) -> None:
+        super().load_semiseg_state(state)
+        state = state or {}
+        self.teacher.load_state_dict(state.get('bcp_teacher'), student=self.unwrapped_network)
+        self.copy_paste.load_state_dict(state.get(self.copy_paste.state_key))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants (one change each)
+# ---------------------------------------------------------------------------------------------------------------
+class nnUNetTrainerBCP_noPretrain(nnUNetTrainerBCP):
+    """Self-training from the first step (the teacher starts as the randomly initialised student)."""
+    pretrain_fraction = 0.0
+
+
+class nnUNetTrainerBCP_oneDirection(nnUNetTrainerBCP):
+    """Inward mixing only (labeled outside the box, unlabeled inside): the student sees half the mixed patches."""
+    bidirectional = False
+    loss_term_names = ('pretrain', 'inward')
+
+
+class nnUNetTrainerBCP_noLCC(nnUNetTrainerBCP):
+    """Pseudo-labels without connected-component filtering."""
+    keep_largest_component = False
