@@ -63,7 +63,9 @@ CONFIGURATION = '3d_fullres'
 PLANS = 'nnUNetPlans'
 FOLD = 'all'
 SUPERVISED_TRAINER = 'nnUNetTrainer_semisegSchedule'
-DEFAULT_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', 'selftrain', 'nnUNetTrainerSSNet']
+DEFAULT_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', 'selftrain', 'nnUNetTrainerSSNet',
+                   'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerFLPM', 'nnUNetTrainerSSNetFLPM',
+                   'nnUNetTrainerDualStream', 'nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerBCP']
 SMOKE_METHODS = ['supervised_a', 'nnUNetTrainerMeanTeacher']
 DEFAULT_SEED = 12345
 MAIN_PROTOCOL = 'accuracy_la_labeled2_it300_test12'   # the evidence protocol: its figure is docs/figures/accuracy_la.png

@@ -30,7 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 DATASET_ID = 991
-DEFAULT_TRAINERS = ['nnUNetTrainer', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet']
+DEFAULT_TRAINERS = ['nnUNetTrainer', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerVoxelAdversarial',
+                    'nnUNetTrainerFLPM', 'nnUNetTrainerSSNetFLPM', 'nnUNetTrainerDualStream',
+                    'nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerBCP']
 # The second baseline: stock nnUNetTrainer on plans whose batch size is doubled (the labeled + unlabeled rows a
 # semi-supervised student sees). A CPU's cost per step grows faster than the batch (measured: 4 patches cost 2.41x
 # 2 patches), so a method's own cost is its ratio to this row, not to nnUNetTrainer.
