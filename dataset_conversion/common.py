@@ -548,7 +548,8 @@ def parallel_map(func: Callable, items: Sequence, num_processes: int = 1, desc: 
     from nnunetv2_semiseg.utilities.safe_io import exit_with_parent
     ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
     # Workers die with this process: a killed conversion must not keep writing into its temporary folder.
-    with ctx.Pool(min(num_processes, len(items)), initializer=exit_with_parent) as pool:
+    with ctx.Pool(min(num_processes, len(items)), initializer=exit_with_parent,
+                  initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.imap(func, items), total=len(items), desc=desc, unit="case", disable=None))
 
 

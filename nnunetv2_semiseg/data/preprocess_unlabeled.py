@@ -354,7 +354,8 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
                 _preprocess_one(job)
         else:
             with multiprocessing.get_context('spawn').Pool(num_processes,
-                                                           initializer=safe_io.exit_with_parent) as pool:
+                                                           initializer=safe_io.exit_with_parent,
+                                                           initargs=(os.getpid(),)) as pool:
                 for _ in tqdm(pool.imap_unordered(_preprocess_one, jobs), **progress):
                     pass
         import nnunetv2

@@ -436,7 +436,10 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
     if num_processes > 1 and len(jobs) > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+        from nnunetv2_semiseg.utilities.safe_io import exit_with_parent
+
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs)), initializer=exit_with_parent,
+                                                       initargs=(os.getpid(),)) as pool:
             per_case = pool.map(_evaluate_case_star, jobs)
     else:
         per_case = [_evaluate_case_star(j) for j in jobs]

@@ -160,13 +160,13 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.2)
 
 
-def exit_with_parent() -> None:
+def exit_with_parent(parent_pid: Optional[int] = None) -> None:
     """Pool initializer: the worker dies with the process that started it.
 
-    On Linux the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG); everywhere a daemon thread
-    also watches for the worker being re-parented, as a fallback.
+    Pass ``initializer=exit_with_parent, initargs=(os.getpid(),)``. On Linux the kernel sends SIGKILL when the parent
+    dies (prctl PR_SET_PDEATHSIG); everywhere a daemon thread also watches for the worker being re-parented.
     """
-    parent = os.getppid()
+    parent = os.getppid() if parent_pid is None else parent_pid
     if sys.platform.startswith('linux'):
         try:
             import ctypes
@@ -176,7 +176,7 @@ def exit_with_parent() -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         except Exception:  # no libc/prctl: the watcher thread below still works
             pass
-    if os.getppid() != parent or parent == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
