@@ -164,6 +164,8 @@ def _geometry(path: str):
 def _axis_code(direction, dimension: int) -> str:
     """Orientation as the axis letters of the direction cosines (e.g. 'LPS'); nearest axis per column."""
     import numpy as np
+    if dimension > 3:  # no anatomical letters beyond three axes
+        return 'x'.join(str(round(d, 3)) for d in direction)
     matrix = np.asarray(direction, dtype=float).reshape(dimension, dimension)
     letters = ('LR', 'PA', 'SI')[:dimension]  # DICOM convention: identity = LPS
     code = ''
