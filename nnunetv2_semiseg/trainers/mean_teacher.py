@@ -12,19 +12,22 @@ of the unlabeled rows, as SSL4MIS ``train_mean_teacher_3D.py`` does (``outputs_s
 teacher's prediction of the noisy unlabeled volumes). ``nnUNetTrainerMeanTeacher_consistencyAllRows`` adds the
 labeled rows to the consistency (Tarvainen & Valpola apply it to every sample); it costs one more teacher forward
 on the labeled batch.
+
+The teacher, its noise, the weight ramp and the loss are the
+:class:`~nnunetv2_semiseg.trainers.mean_teacher_component.MeanTeacherConsistency` component (shared with other
+methods); the checkpoint keeps the teacher under ``checkpoint['semiseg']['teacher_weights']``.
 """
 from typing import Dict, List
 
 import torch
 from torch import nn
 
-from nnunetv2_semiseg.losses.consistency import clipped_gaussian_noise, probability_mse
-from nnunetv2_semiseg.networks.ema import create_ema_teacher, ema_update
-from nnunetv2_semiseg.trainers.ramps import sigmoid_rampup
-from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
+from nnunetv2_semiseg.trainers.components import LossComponent
+from nnunetv2_semiseg.trainers.composed import nnUNetTrainerComposed
+from nnunetv2_semiseg.trainers.mean_teacher_component import MeanTeacherConsistency
 
 
-class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
+class nnUNetTrainerMeanTeacher(nnUNetTrainerComposed):
     ema_decay = 0.99
     consistency_weight = 0.1
     consistency_ramp_length = 0.4          # fraction of training over which the weight ramps up
@@ -33,47 +36,29 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
     consistency_on_labeled_rows = False     # SSL4MIS: unlabeled rows only
     loss_term_names = ('sup', 'cons')
 
-    def initialize(self):
-        super().initialize()
-        # Created from the unwrapped, rank-synchronised student: it stays in sync under DDP without its own DDP.
-        self.teacher = create_ema_teacher(self.unwrapped_network)
-        self.teacher.decoder.deep_supervision = False  # the consistency uses the full-resolution output only
+    def build_loss_components(self) -> List[LossComponent]:
+        self.consistency = MeanTeacherConsistency(
+            self.unwrapped_network, weight=self.consistency_weight, ramp_length=self.consistency_ramp_length,
+            ema_decay=self.ema_decay, noise_std=self.teacher_noise_std, noise_clip=self.teacher_noise_clip,
+            rows='all' if self.consistency_on_labeled_rows else 'unlabeled')
+        return [self.consistency]
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.consistency.teacher
 
     def consistency_weight_now(self) -> float:
-        return self.consistency_weight * sigmoid_rampup(self.training_fraction(), self.consistency_ramp_length)
+        return self.consistency.weight_at(self.training_fraction())
+
+    def student_forward(self, net: nn.Module, x: torch.Tensor) -> dict:
+        return {'seg': net(x)}
 
     def compute_loss_terms(self, data, target, unlabeled) -> Dict[str, torch.Tensor]:
+        # A plain forward through the (DDP / torch.compile) network instead of the base's train_fn closure: Mean
+        # Teacher needs no features, and nnU-Net's torch.compile of the student keeps working.
         num_labeled = data.shape[0]
         x = torch.cat((data, unlabeled['data']))
-        output = self.network(x)
-        loss_sup = self.supervised_loss(self.labeled_rows(output, num_labeled), target)
-
-        rows = slice(0, None) if self.consistency_on_labeled_rows else slice(num_labeled, None)
-        with torch.no_grad():
-            x_teacher = x[rows]
-            x_teacher = x_teacher + clipped_gaussian_noise(x_teacher, self.teacher_noise_std, self.teacher_noise_clip)
-            teacher_probabilities = self.rows_to_probabilities(self.teacher(x_teacher))
-        student_probabilities = self.rows_to_probabilities(self.full_resolution(output)[rows])
-        loss_cons = probability_mse(student_probabilities, teacher_probabilities)
-
-        loss = loss_sup + self.consistency_weight_now() * loss_cons
-        return {'loss': loss, 'sup': loss_sup, 'cons': loss_cons}
-
-    def after_optimizer_step(self) -> None:
-        ema_update(self.teacher, self.unwrapped_network, self.global_iteration, self.ema_decay)
-
-    def semiseg_state(self) -> dict:
-        state = super().semiseg_state()
-        state['teacher_weights'] = self.teacher.state_dict()
-        return state
-
-    def load_semiseg_state(self, state) -> None:
-        super().load_semiseg_state(state)
-        if state is not None and 'teacher_weights' in state:
-            self.teacher.load_state_dict(state['teacher_weights'])
-        else:
-            # e.g. starting from a plain nnU-Net checkpoint: the teacher starts as the student.
-            self.teacher.load_state_dict(self.unwrapped_network.state_dict())
+        return self.composed_loss(self.network, x, target, num_labeled)
 
 
 class nnUNetTrainerMeanTeacher_consistencyAllRows(nnUNetTrainerMeanTeacher):
