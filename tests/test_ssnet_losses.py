@@ -328,7 +328,7 @@ def test_separation_loss_hand_value_and_gradients():
     comp.memory.update(1, z1, torch.tensor([1.0, 0.0]))
     comp.memory.update(2, torch.tensor([[0.0, 1.0]]), torch.tensor([1.0]))   # one prototype only: class skipped
     masks, rest = comp.class_masks(gt, is_target=True)
-    loss = comp.loss(heads, feats, masks, rest)
+    loss = comp.group_loss(heads, feats, masks, rest)
 
     # by hand: class 1 voxels (ground truth) (0,0) f=(1,0.5), (0,1) f=(2,-1), (1,0) f=(4,1); ignore (1,2) excluded
     f = np.array([[1.0, 0.5], [2.0, -1.0], [4.0, 1.0]])
@@ -361,7 +361,7 @@ def test_separation_with_real_heads_gradients_reach_heads_not_memory():
     masks, rest = comp.class_masks(labels, True)
     comp.refresh_memory(heads, feats, masks, masks)                   # predictions == labels
     assert int(comp.memory.counts[1]) > 1 and int(comp.memory.counts[2]) > 1
-    loss = comp.loss(heads, feats, masks, rest)
+    loss = comp.group_loss(heads, feats, masks, rest)
     loss.backward()
     assert loss.item() > 0
     for name in ('projector', 'predictor'):

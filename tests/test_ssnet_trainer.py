@@ -75,8 +75,9 @@ def test_multiclass_2d_step_all_parameters_get_gradients_and_memory_fills():
         # ground truth = the network's own prediction, so every predicted foreground class has candidates
         gt = trainer.network(data)[0].argmax(1, keepdim=True)
     terms, encoder_calls = _run_step(trainer, data, _ds_targets(gt), unlabeled)
-    assert set(terms) == {'loss', 'sup', 'lds', 'cs'}
+    assert set(terms) == {'loss', 'sup', 'lds', 'cs', 'lds_nonfinite'}
     assert all(torch.isfinite(v) for v in terms.values())
+    assert terms['lds_nonfinite'].item() == 0
     assert terms['lds'].item() > 0 and terms['cs'].item() > 0
     # deterministic network: main + VAT probe + adversarial pass, all on labeled + unlabeled rows
     assert encoder_calls == [4, 4, 4]
@@ -126,7 +127,7 @@ def test_dropout_network_gets_an_extra_target_pass():
     gt = torch.randint(0, 2, (2, 1, 16, 16))
     terms, encoder_calls = _run_step(trainer, data, _ds_targets(gt), unlabeled)
     assert encoder_calls == [3, 3, 3, 3]          # main, no-grad VAT target, probe, adversarial
-    assert set(terms) == {'loss', 'sup', 'lds'}
+    assert set(terms) == {'loss', 'sup', 'lds', 'lds_nonfinite'}
 
 
 def test_variants_switch_terms_and_heads():

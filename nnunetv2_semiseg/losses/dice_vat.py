@@ -94,11 +94,32 @@ def kl_discrepancy(pred: torch.Tensor, target: torch.Tensor, regions: bool = Fal
     return kl.mean()
 
 
-def vat_direction(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: torch.Tensor,
-                  xi: float, discrepancy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  initial_direction: Optional[torch.Tensor] = None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One power-iteration step of VAT: the unit (per sample) direction g / ||g||_2 in float32.
+def _autocast_active(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
+
+
+def _probe_gradient(predict, x, d, xi, discrepancy, target) -> torch.Tensor:
+    with torch.enable_grad():
+        d = d.clone().requires_grad_(True)
+        dist = discrepancy(predict(x + xi * d).float(), target.float())
+        grad, = torch.autograd.grad(dist * float(x[0].numel()), d)
+    return grad.float()
+
+
+def _non_finite_samples(grad: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(grad).flatten(1).all(1)
+
+
+def vat_direction_and_fallbacks(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                                target: torch.Tensor, xi: float,
+                                discrepancy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                                initial_direction: Optional[torch.Tensor] = None,
+                                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One power-iteration step of VAT: the unit (per sample) direction g / ||g||_2 in float32, and the number of
+    samples whose probe gradient was non-finite (they keep their random direction).
 
         d0 ~ U(-0.5, 0.5), d0 <- d0 / ||d0||  (per sample)
         g  = grad_d D(predict(x + xi * d), target)  at d = d0
@@ -108,26 +129,58 @@ def vat_direction(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     with ``torch.autograd.grad`` with respect to ``d`` only, so no parameter ``.grad`` is written and the graph of
     the probe pass is freed on return.
 
-    Mixed precision: under CUDA autocast the probe's backward runs in float16, where the per-voxel gradients of a
+    Mixed precision: under autocast the probe's backward runs in float16, where the per-voxel gradients of a
     mean-type discrepancy (of order D / #voxels) underflow. The discrepancy is therefore multiplied by the number of
     elements per sample before differentiation; the direction is normalised afterwards, so this only changes the
-    scale at which float16 sees the gradient, never the result in exact arithmetic. Non-finite entries are zeroed,
-    and a sample whose gradient vanishes keeps its random direction.
+    scale at which float16 sees the gradient, never the result in exact arithmetic. float16 can then overflow
+    (max 65504) inside the backward: if any sample's gradient is non-finite, the whole probe (the discrepancy
+    couples the samples of the batch) is recomputed once with autocast disabled, in float32, where neither the
+    underflow nor the overflow happens. A sample that is still non-finite (e.g. a non-finite input), or whose
+    gradient vanishes, keeps its random direction; the non-finite ones are counted in the second return value
+    (a 0-dim float32 tensor) so that a trainer can log them instead of falling back silently.
     """
     x = x.detach().float()
     if initial_direction is None:
         initial_direction = torch.rand(x.shape, generator=generator, dtype=torch.float32,
                                        device='cpu' if generator is not None else x.device).to(x.device) - 0.5
     d0 = l2_normalize_per_sample(initial_direction.float())
-    d = d0.clone().requires_grad_(True)
-    with torch.enable_grad():
-        dist = discrepancy(predict(x + xi * d).float(), target.float())
-        grad, = torch.autograd.grad(dist * float(x[0].numel()), d)
-    grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    grad = _probe_gradient(predict, x, d0, xi, discrepancy, target)
+    if bool(_non_finite_samples(grad).any()) and _autocast_active(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            grad = _probe_gradient(predict, x, d0, xi, discrepancy, target)
+    non_finite = _non_finite_samples(grad)
+    grad = torch.where(non_finite.view(-1, *([1] * (grad.dim() - 1))), torch.zeros_like(grad), grad)
     vanished = grad.flatten(1).norm(dim=1) == 0
     if bool(vanished.any()):
         grad = torch.where(vanished.view(-1, *([1] * (grad.dim() - 1))), d0, grad)
-    return l2_normalize_per_sample(grad).detach()
+    return l2_normalize_per_sample(grad).detach(), non_finite.sum().float()
+
+
+def vat_direction(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+                  xi: float, discrepancy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  initial_direction: Optional[torch.Tensor] = None,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The direction of :func:`vat_direction_and_fallbacks` alone."""
+    return vat_direction_and_fallbacks(predict, x, target, xi, discrepancy, initial_direction, generator)[0]
+
+
+def virtual_adversarial_loss_and_fallbacks(
+        predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: torch.Tensor, epsilon: float,
+        xi: float, discrepancy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        initial_direction: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L_lds = D(predict(x + r_adv), sg(target)), r_adv = epsilon * vat_direction(...) (SS-Net Eq. 2-3, Alg. 1).
+
+    ``epsilon`` and ``xi`` are per-sample L2 norms (see :func:`norm_for_sample_size`). Returns
+    ``(loss, r_adv, non_finite_probe_samples)``; ``r_adv`` is a constant, so gradients flow only through the
+    perturbed prediction, into the parameters used by ``predict``.
+    """
+    target = target.detach().float()
+    direction, fallbacks = vat_direction_and_fallbacks(predict, x, target, xi, discrepancy, initial_direction,
+                                                       generator)
+    r_adv = epsilon * direction
+    loss = discrepancy(predict(x.detach() + r_adv.to(x.dtype)).float(), target)
+    return loss, r_adv, fallbacks
 
 
 def virtual_adversarial_loss(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -135,14 +188,7 @@ def virtual_adversarial_loss(predict: Callable[[torch.Tensor], torch.Tensor], x:
                              discrepancy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                              initial_direction: Optional[torch.Tensor] = None,
                              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L_lds = D(predict(x + r_adv), sg(target)), r_adv = epsilon * vat_direction(...) (SS-Net Eq. 2-3, Alg. 1).
-
-    ``epsilon`` and ``xi`` are per-sample L2 norms (see :func:`norm_for_sample_size`). Returns
-    ``(loss, r_adv)``; ``r_adv`` is a constant, so gradients flow only through the perturbed prediction, into the
-    parameters used by ``predict``.
-    """
-    target = target.detach().float()
-    direction = vat_direction(predict, x, target, xi, discrepancy, initial_direction, generator)
-    r_adv = epsilon * direction
-    loss = discrepancy(predict(x.detach() + r_adv.to(x.dtype)).float(), target)
+    """``(loss, r_adv)`` of :func:`virtual_adversarial_loss_and_fallbacks`."""
+    loss, r_adv, _ = virtual_adversarial_loss_and_fallbacks(predict, x, target, epsilon, xi, discrepancy,
+                                                            initial_direction, generator)
     return loss, r_adv

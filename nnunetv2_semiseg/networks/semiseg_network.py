@@ -10,10 +10,26 @@ student, but ``nnUNetv2_predict`` rebuilds the network with the trainer's ``buil
 * exposes training-only outputs behind keyword arguments of the *same* call, so DDP and ``torch.compile``
   wrappers see every parameter use.
 """
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
+
+
+class ComponentHeads(nn.ModuleDict):
+    """``network.heads`` when several components of one trainer have training heads: one entry per component
+    (``heads.<heads_key>.*`` in the state dict). A single component's heads are ``network.heads`` itself, so a
+    one-component trainer (e.g. SS-Net: ``heads.projector.*``) keeps its keys when other trainers combine it."""
+
+
+def combine_heads(heads_by_key: Dict[str, Optional[nn.Module]]) -> Optional[nn.Module]:
+    """None without heads, the module itself for one component, :class:`ComponentHeads` for several."""
+    present = {k: m for k, m in heads_by_key.items() if m is not None}
+    if not present:
+        return None
+    if len(present) == 1:
+        return next(iter(present.values()))
+    return ComponentHeads(present)
 
 
 class SemiSegNetwork(nn.Module):
@@ -36,7 +52,10 @@ class SemiSegNetwork(nn.Module):
         """One encoder/decoder pass returning logits and the full-resolution last decoder features.
 
         Re-implements the ten-line ``UNetDecoder.forward`` loop over the decoder's own submodules (it has no hook
-        returning features), so parameters and outputs are identical to ``self.decoder(skips)``.
+        returning features), so parameters and outputs are identical to ``self.decoder(skips)``. The last stage's
+        convolution blocks run one by one (``StackedConvBlocks.forward`` is ``self.convs(x)``), which also exposes
+        ``'penultimate'``: the feature between the last stage's second-last and last convolution block (SFPC's
+        "second-last conv layer"; the input of :meth:`last_stage_head`).
         """
         skips = self.encoder(x)
         decoder = self.decoder
@@ -47,7 +66,12 @@ class SemiSegNetwork(nn.Module):
         for s in range(num_stages):
             h = decoder.transpconvs[s](lower_res)
             h = torch.cat((h, skips[-(s + 2)]), 1)
-            h = decoder.stages[s](h)
+            if s == num_stages - 1 and len(getattr(decoder.stages[s], 'convs', ())) >= 2:
+                penultimate = decoder.stages[s].convs[:-1](h)
+                h = decoder.stages[s].convs[-1](penultimate)
+            else:
+                h = decoder.stages[s](h)
+                penultimate = None
             if decoder.deep_supervision:
                 seg_outputs.append(decoder.seg_layers[s](h))
             elif s == num_stages - 1:
@@ -56,7 +80,13 @@ class SemiSegNetwork(nn.Module):
             features = h
         seg_outputs = seg_outputs[::-1]
         seg = seg_outputs if decoder.deep_supervision else seg_outputs[0]
-        return {'seg': seg, 'features': features, 'skips': skips}
+        return {'seg': seg, 'features': features, 'skips': skips, 'penultimate': penultimate}
+
+    def last_stage_head(self, penultimate: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits from a penultimate feature: the last convolution block of the last decoder stage
+        and its segmentation layer (what the perturbed FLPM branches re-run)."""
+        decoder = self.decoder
+        return decoder.seg_layers[-1](decoder.stages[-1].convs[-1](penultimate))
 
     def full_resolution_logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.decoder(self.encoder(x))

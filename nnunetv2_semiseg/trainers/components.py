@@ -29,7 +29,8 @@ class StepContext:
     ``out`` is ``SemiSegNetwork.forward_with_features(x)``: ``'seg'`` (deep-supervision list or one tensor),
     ``'features'`` (full-resolution last decoder features) and ``'skips'`` (encoder outputs), plus whatever a
     network wrapper adds. ``target`` holds the labeled rows' targets (a deep-supervision list or one tensor).
-    ``cache`` lets components share derived values (e.g. hard labels) computed once per step.
+    ``cache`` lets components share derived values (e.g. hard labels) computed once per step. ``logged`` holds
+    diagnostics a component reports with :meth:`log` (logged as terms, never added to the loss).
     """
     net: nn.Module
     x: torch.Tensor
@@ -42,6 +43,18 @@ class StepContext:
     has_regions: bool = False
     step: int = 0
     cache: Dict[str, Any] = field(default_factory=dict)
+    logged: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def log(self, name: str, value: torch.Tensor) -> None:
+        """Report a diagnostic value of this step (e.g. a fallback count); the trainer logs it as term ``name``."""
+        self.logged[name] = value.detach()
+
+    def heads_for(self, key: str) -> Optional[nn.Module]:
+        """The training heads of the component whose ``heads_key`` is ``key``: ``net.heads`` itself when a single
+        component has heads, ``net.heads[key]`` when several do (see ``networks/semiseg_network.ComponentHeads``)."""
+        from nnunetv2_semiseg.networks.semiseg_network import ComponentHeads
+        heads = getattr(self.net, 'heads', None)
+        return heads[key] if isinstance(heads, ComponentHeads) else heads
 
     @property
     def seg(self):
@@ -77,11 +90,15 @@ class LossComponent:
 
     Subclasses set ``name`` (the logged term), usually ``weight`` and a ramp, and implement :meth:`loss`. State that
     must survive ``--c`` goes through :meth:`state_dict` / :meth:`load_state_dict`; the trainer stores it under
-    ``checkpoint['semiseg'][component.state_key]`` (``state_key = None``: nothing to save).
+    ``checkpoint['semiseg'][component.state_key]`` (``state_key = None``: nothing to save). Trainable modules that
+    share the student's forward pass (heads) are built by the trainer's ``build_component_heads`` under the
+    component's ``heads_key`` and reached with ``context.heads_for(self.heads_key)``.
     """
     name: str = 'unsupervised'
     weight: float = 1.0
     state_key: Optional[str] = None
+    # Key of this component's training heads in ``network.heads`` (see StepContext.heads_for); None = no heads.
+    heads_key: Optional[str] = None
 
     def ramp(self, fraction: float) -> float:
         """Ramp-up factor in [0, 1] at the given fraction of training (default: none)."""

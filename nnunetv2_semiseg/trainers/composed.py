@@ -13,6 +13,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from nnunetv2_semiseg.networks.semiseg_network import combine_heads
 from nnunetv2_semiseg.trainers.components import LossComponent, StepContext
 from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 
@@ -28,6 +29,17 @@ class nnUNetTrainerComposed(nnUNetTrainerSemiSupervised):
 
     def build_loss_components(self) -> List[LossComponent]:
         raise NotImplementedError
+
+    @classmethod
+    def build_component_heads(cls, base_network: nn.Module, num_output_channels: int) -> Dict[str, nn.Module]:
+        """Training heads per component ``heads_key`` (class-level: the predictor rebuilds them from the class).
+        Combining trainers merge their parents' dicts."""
+        return {}
+
+    @classmethod
+    def build_training_heads(cls, base_network: nn.Module, num_output_channels: int):
+        # One component with heads: its module is ``network.heads``; several: a ComponentHeads dict by key.
+        return combine_heads(cls.build_component_heads(base_network, num_output_channels))
 
     # ------------------------------------------------------------------------------------------------------------
     def student_forward(self, net: nn.Module, x: torch.Tensor) -> dict:
@@ -52,6 +64,7 @@ class nnUNetTrainerComposed(nnUNetTrainerSemiSupervised):
         for component in self.loss_components:
             terms[component.name] = component.loss(context)
             total = total + component.weight_at(context.fraction) * terms[component.name]
+        terms.update(context.logged)
         terms['loss'] = total
         return terms
 
