@@ -14,6 +14,7 @@ from torch import nn
 
 from nnunetv2_semiseg.losses.copy_paste import box_mask, box_size, copy_paste, region_weighted_dc_ce
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+from nnunetv2_semiseg.trainers.components import StepContext
 from nnunetv2_semiseg.trainers.bcp_components import (BCPTeacher, BidirectionalCopyPaste, BoxMaskGenerator,
                                                       keep_largest_component_per_class)
 
@@ -194,6 +195,10 @@ def test_direction_losses_apply_the_weights_at_every_deep_supervision_level():
             expected += w * _hand_loss(outputs[k][row:row + 1], patches.target_levels[k][row:row + 1],
                                        [(m, w_m), (1 - m, w_box)])
         assert losses[name].item() == pytest.approx(expected, rel=1e-6), name
+    # as a LossComponent: the same sum, read from a StepContext of the mixed patches
+    context = StepContext(net=None, x=patches.x, num_labeled=1, target=patches.target_levels, out={'seg': outputs},
+                          fraction=0.5, to_probabilities=None, to_hard_labels=None, cache={'bcp_patches': patches})
+    assert bcp.loss(context).item() == pytest.approx((losses['inward'] + losses['outward']).item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
