@@ -1,8 +1,7 @@
-"""Smoke run of the accuracy benchmark (benchmarks/accuracy_la.py --smoke) on real LA cases, so it cannot rot.
+"""The accuracy benchmark's tables: per-seed rendering and the across-seed summary with its figure.
 
-Two labeled + two unlabeled training cases and one test case of ../shared/data/la_h5_uamt_subset, resampled to 5 mm,
-one epoch of two iterations for the supervised arm and Mean Teacher, through the stock CLIs; the table goes to a
-markdown file in the temporary work folder (docs/ is not touched).
+The smoke run of ``benchmarks/accuracy_la.py --smoke`` on real LA cases is part of the GPU suite's smoke test
+(tests/test_gpu_suite_smoke.py), which runs it as its accuracy step.
 """
 import json
 import math
@@ -16,41 +15,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'benchmarks', 'accuracy_la.py')
 DATA = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'la_h5_uamt_subset'))
 METHODS = ['supervised_a', 'nnUNetTrainerMeanTeacher']
-
-
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, '2018LA_Seg_Training Set')),
-                    reason=f'real LA subset not found at {DATA} (the smoke run needs the h5 cases)')
-def test_accuracy_benchmark_smoke(tmp_path):
-    work = tmp_path / 'work'
-    docs = os.path.join(REPO, 'docs', 'benchmarks.md')
-    proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--work', str(work), '--method', *METHODS],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-
-    with open(work / 'results' / 'accuracy_la_smoke.json') as f:
-        results = json.load(f)
-    assert set(results['methods']) == set(METHODS)
-    for method in METHODS:
-        row = results['methods'][method]
-        for key in ('dice', 'jaccard'):
-            assert math.isfinite(row['metrics'][key]) and 0.0 <= row['metrics'][key] <= 1.0, (method, row['metrics'])
-            assert math.isfinite(row['metrics_lcc'][key]), (method, row['metrics_lcc'])
-        assert row['epochs'] == 1 and row['iterations_per_epoch'] == 2
-        assert row['train_wall_s'] > 0 and row['s_per_iteration'] > 0
-        assert row['num_test'] == 1
-    assert results['settings']['spacing_mm'] == 5.0 and results['settings']['num_train'] == 4
-
-    markdown = (work / 'benchmarks_smoke.md').read_text()
-    assert '<!-- accuracy_la:cpu:smoke:begin -->' in markdown and '<!-- accuracy_la:cpu:smoke:end -->' in markdown
-    for method in METHODS:
-        line = next((l for l in markdown.splitlines() if l.startswith(f'| {method} |')), None)
-        assert line is not None, markdown
-        assert f'{results["methods"][method]["metrics"]["dice"] * 100:.2f}' in line
-    assert 'Not yet measured' in markdown and 'supervised_b' in markdown  # methods not run are named, no numbers
-    # the smoke run writes its table to the work folder, never into the repository's docs (which other runs may
-    # be editing concurrently, so only the smoke section's absence is checked)
-    assert not os.path.isfile(docs) or 'accuracy_la:cpu:smoke' not in open(docs).read()
 
 
 def _row(method, trainer, dice):
@@ -79,7 +43,7 @@ def test_render_other_seed_own_section_and_gap_closed(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     text = markdown.read_text()
-    assert '<!-- accuracy_la:cpu:labeled2:it12:seed7:begin -->' in text, text
+    assert '<!-- accuracy_la:cpu:labeled2:it12:test12:seed7:begin -->' in text, text
     assert '### Accuracy on real LA data: 2 labeled cases, CPU, 12 iterations, seed 7' in text
     lines = {l.split(' | ')[0][2:]: l for l in text.splitlines() if l.startswith('| ') and ' | `' in l}
     assert ' | 70.00 | ' in lines['nnUNetTrainerMeanTeacher'] and ' | 50 % | ' in lines['nnUNetTrainerMeanTeacher']
@@ -87,3 +51,49 @@ def test_render_other_seed_own_section_and_gap_closed(tmp_path):
     # the one trainer not in the JSON is listed with the command that measures it on this seed and schedule
     assert ('`nnUNetTrainerSSNet` (run `python benchmarks/accuracy_la.py --method nnUNetTrainerSSNet --epochs 3 '
             '--iterations-per-epoch 4 --val-iterations 1 --seed 7`)') in text
+
+
+def _seed_json(path, per_case):
+    rows = {}
+    for method, values in per_case.items():
+        row = _row(method, 'T', sum(values.values()) / len(values))
+        row.update(per_case_dice=values, per_case_hd95_voxel={c: 4.0 for c in values})
+        rows[method] = row
+    path.write_text(json.dumps({'methods': rows}))
+
+
+def test_summary_across_seeds_and_figure(tmp_path):
+    """accuracy_report: per-seed JSONs of one protocol are paired by (case, seed); the figure names every method
+    (checked through matplotlib: axis tick labels and the seed legend) and is a valid PNG."""
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import accuracy_report
+    results = tmp_path / 'results'
+    results.mkdir()
+    base = 'accuracy_la_labeled2_it300_test12'
+    # seed 12345 (default file name) and seed 2; MT beats supervised_a by exactly 5 points on every pair,
+    # supervised_b by 20: gap closed 25 % with a point interval
+    for suffix, offset in (('', 0.0), ('_seed2', 0.1)):
+        a = {f'c{i}': 0.5 + 0.02 * i + offset for i in range(3)}
+        _seed_json(results / f'{base}{suffix}.json',
+                   {'supervised_a': a, 'supervised_b': {c: v + 0.2 for c, v in a.items()},
+                    'nnUNetTrainerMeanTeacher': {c: v + 0.05 for c, v in a.items()}})
+    (results / f'{base}_seed7_cuda.json').write_text('{"methods": {}}')  # another protocol's file: ignored
+    md, png = tmp_path / 'b.md', tmp_path / 'fig.png'
+    data = accuracy_report.update(str(results), base, 12345, str(md), 'summary:test', str(png), 'T', 'D',
+                                  replicates=200)
+    assert sorted(data['dice']['supervised_a']) == ['12345', '2']
+    c = data['comparisons']['nnUNetTrainerMeanTeacher']['vs_a']
+    assert c.pairs == 6 and c.wins == 6 and c.difference == pytest.approx(0.05)
+    assert c.gap_closed == pytest.approx(0.25) and c.gap_closed_ci == (pytest.approx(0.25), pytest.approx(0.25))
+    text = md.read_text()
+    line = next(l for l in text.splitlines() if l.startswith('| nnUNetTrainerMeanTeacher |'))
+    assert '| +5.0 [+5.0, +5.0] | 6/6 | 25 % [25, 25 %] |' in line, line
+    assert 'nnUNetTrainerMeanTeacher is better than supervised_a by +5.0 Dice points' in text
+
+    fig = data['figure']
+    ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes]
+    assert ticks[0] == ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher']
+    assert ticks[1] == ['supervised_b', 'nnUNetTrainerMeanTeacher'] and ticks[2] == ['nnUNetTrainerMeanTeacher']
+    assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == ['seed 12345', 'seed 2']
+    with open(png, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
