@@ -350,9 +350,8 @@ class DatasetWriter:
                 raise ConversionError(f"Output dataset {self.target} appeared during the conversion; pass "
                                       f"--overwrite to replace it.")
             # os.replace cannot replace a non-empty directory: move the old one aside first, delete it last.
-            backup = self.root / f"{self.OLD_PREFIX}{self.folder_name}_{os.getpid()}"
+            backup = self.root / safe_io.owned_name(f"{self.OLD_PREFIX}{self.folder_name}_")
             os.replace(self.target, backup)
-            safe_io.mark_owned(backup)
         try:
             os.replace(self.tmp, self.target)
         except BaseException:

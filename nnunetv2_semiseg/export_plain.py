@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from typing import List, Optional, Sequence
 
 import torch
@@ -151,9 +150,8 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
         old = None
         if os.path.exists(output_folder):
             # Moved aside (not deleted) until the new folder is in place; a killed run leaves it for the next one.
-            old = os.path.join(parent, f'{OLD_PREFIX}{uuid.uuid4().hex[:8]}')
+            old = os.path.join(parent, safe_io.owned_name(OLD_PREFIX))
             os.replace(output_folder, old)
-            safe_io.mark_owned(old)
         try:
             os.replace(tmp, output_folder)
         except BaseException:

@@ -449,9 +449,8 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
         # 5) into place
         safe_io.finish_temp_dir(tmp)
         if replaced is not None:
-            trash = os.path.join(roots['nnUNet_raw'], f'.old_pseudolabel_{new_folder_name}_{uuid.uuid4().hex[:8]}')
+            trash = os.path.join(roots['nnUNet_raw'], safe_io.owned_name(f'.old_pseudolabel_{new_folder_name}_'))
             os.replace(replaced, trash)
-            safe_io.mark_owned(trash)
             os.replace(tmp, target)
             shutil.rmtree(trash, ignore_errors=True)
         else:

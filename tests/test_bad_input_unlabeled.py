@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -115,24 +114,30 @@ def test_killed_run_is_cleaned_up_by_the_next_and_a_live_run_is_not(ws):
     env = dict(os.environ, **{k: v for k, v in ws.train_env().items()})
     command = ['nnUNetv2_semiseg_preprocess_unlabeled', '-d', str(ws.dataset_id), '-c', CFG, '-plans_name', ws.plans,
                '-np', '1']
+    for k in range(12):  # enough cases that the run is still converting when it is killed
+        shutil.copy(_unlabeled(ws, 'unl_000_0000.nii.gz'), _unlabeled(ws, f'unl_more_{k:02d}_0000.nii.gz'))
+
+    def temporary():
+        return [f for f in os.listdir(ws.preprocessed) if '.tmp_' in f]
+
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None and not _leftovers(ws):
-            time.sleep(0.02)
+        while time.time() < deadline and process.poll() is None and not temporary():
+            time.sleep(0.01)
         assert process.poll() is None, 'the run ended before it could be killed'
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    stale = _leftovers(ws)
-    assert stale, 'the killed run left no temporary folder to clean up'
+    assert temporary(), 'the killed run left no temporary folder to clean up'
+    for k in range(12):  # the clean run needs only the original cases
+        os.remove(_unlabeled(ws, f'unl_more_{k:02d}_0000.nii.gz'))
     # The temporary folder of a run that is still alive (another process) must survive.
+    from nnunetv2_semiseg.utilities.safe_io import owned_name
     live_owner = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
-        live = os.path.join(ws.preprocessed, f'{ws.plans}_{CFG}_unlabeled.tmp_live')
+        live = os.path.join(ws.preprocessed, owned_name(f'{ws.plans}_{CFG}_unlabeled.tmp_', pid=live_owner.pid))
         os.makedirs(live)
-        with open(os.path.join(live, '.semiseg_owner'), 'w') as f:
-            f.write(f'{socket.gethostname()} {live_owner.pid}\n')
         preprocess_unlabeled(ws.dataset_id, CFG, ws.plans, verbose=False)
         assert _leftovers(ws) == [os.path.basename(live)]
     finally:

@@ -20,7 +20,6 @@ import re
 import shutil
 import sys
 import time
-import uuid
 from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
@@ -153,6 +152,17 @@ def check_not_test_cases(cases, raw_dataset_folder: str, dataset_json: dict, all
             f"test images (then say so next to the scores).")
 
 
+def _first_channel_labeled_images(raw_dataset_folder: str, dataset_json: dict) -> List[str]:
+    """The _0000 file of every labeled case (nnU-Net's own lister forks a 12-process pool for this)."""
+    if 'dataset' in dataset_json:  # explicit file list in dataset.json
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+        return [e['images'][0] for e in get_filenames_of_train_images_and_targets(raw_dataset_folder,
+                                                                                  dataset_json).values()]
+    folder = os.path.join(raw_dataset_folder, 'imagesTr')
+    suffix = '_0000' + dataset_json['file_ending']
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(suffix)]
+
+
 def _geometry(path: str):
     import SimpleITK as sitk
     reader = sitk.ImageFileReader()
@@ -190,7 +200,6 @@ def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str,
     labeled cases' and an orientation that no labeled case has.
     """
     from nnunetv2_semiseg.utilities.safe_io import CorruptImageError, check_image_file
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     error = error or UnlabeledPreprocessingError
     for case_id, files in cases.items():
         for path in files:
@@ -198,11 +207,10 @@ def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str,
                 check_image_file(path)
             except CorruptImageError as e:
                 raise error(f"Unlabeled case '{case_id}': {e} Or remove it from {UNLABELED_RAW_FOLDER}/.") from None
-    labeled = get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json)
     reference = []
-    for entry in labeled.values():
+    for path in _first_channel_labeled_images(raw_dataset_folder, dataset_json):
         try:
-            reference.append(_geometry(entry['images'][0]))
+            reference.append(_geometry(path))
         except RuntimeError:
             continue  # nnU-Net's own planning has read these; an odd one is not ours to report here
     if not reference:
@@ -372,9 +380,8 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
         safe_io.finish_temp_dir(tmp_folder)
         # Swap: the old folder stays intact until the new one is complete.
         if os.path.isdir(out_folder):
-            old = out_folder + f'{OLD_INFIX}{uuid.uuid4().hex[:8]}'
+            old = os.path.join(preprocessed_base, safe_io.owned_name(base_name + OLD_INFIX))
             os.replace(out_folder, old)
-            safe_io.mark_owned(old)
             os.replace(tmp_folder, out_folder)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -3,8 +3,8 @@
 - :func:`check_output_location`: an output folder must not be an input, lie inside one or contain one (a
   ``--overwrite`` would otherwise delete the input).
 - :func:`make_temp_dir` / :func:`remove_stale_temp_dirs`: commands write into a temporary folder next to the
-  target and rename it into place. The folder records its owner (host and process id) so that a later run can
-  remove the leftovers of a killed run, and never the folder of a run that is still alive.
+  target and rename it into place. The folder's name records its owner (process id and host) so that a later run
+  can remove the leftovers of a killed run, and never the folder of a run that is still alive.
 - :func:`apply_umask`: ``mkdtemp`` creates folders with mode 0700 and ``mkstemp`` files with 0600, and a rename
   keeps the mode; this restores what a plain ``mkdir``/``open`` would have given under the user's umask.
 - :func:`exit_with_parent`: a worker-pool initializer so that workers stop when the main process is killed.
@@ -14,16 +14,17 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import threading
+import uuid
 import zlib
 from typing import Iterable, List, Optional
 
-OWNER_FILENAME = '.semiseg_owner'
 
 
 class UnsafeOutputError(RuntimeError):
@@ -86,24 +87,28 @@ def apply_umask(path, is_dir: Optional[bool] = None) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
 
 
-def _owner_record() -> str:
-    return f'{socket.gethostname()} {os.getpid()}\n'
+def _host_tag() -> str:
+    # Short and file-name safe; the host matters because pids mean nothing across machines on a shared disk.
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owned_name(prefix: str, pid: Optional[int] = None) -> str:
+    """``<prefix><pid>.<host>.<random>``: a folder name that says which process owns it.
+
+    The owner is in the name, not in a file inside, so there is no moment at which the folder exists without it
+    (a run killed right after creating the folder leaves a folder that the next run can still judge).
+    """
+    return f'{prefix}{os.getpid() if pid is None else pid}.{_host_tag()}.{uuid.uuid4().hex[:8]}'
 
 
 def make_temp_dir(parent, prefix: str) -> str:
-    """Create ``parent/<prefix><random>`` and record this process as its owner."""
+    """Create ``parent/<prefix><pid>.<host>.<random>`` (mode 0700 until :func:`finish_temp_dir`)."""
     os.makedirs(parent, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=prefix, dir=os.fspath(parent))
-    with open(os.path.join(path, OWNER_FILENAME), 'w') as f:
-        f.write(_owner_record())
-    return path
+    return tempfile.mkdtemp(prefix=f'{prefix}{os.getpid()}.{_host_tag()}.', dir=os.fspath(parent))
 
 
 def finish_temp_dir(path) -> None:
-    """Before the rename into place: drop the owner record and give the folder the umask's mode."""
-    owner = os.path.join(os.fspath(path), OWNER_FILENAME)
-    if os.path.exists(owner):
-        os.remove(owner)
+    """Before the rename into place: give the folder the mode a plain mkdir would have under the umask."""
     apply_umask(path, is_dir=True)
 
 
@@ -117,16 +122,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def owner_is_dead(path) -> bool:
-    """True only when ``path`` has an owner record of this host whose process no longer exists."""
-    try:
-        with open(os.path.join(os.fspath(path), OWNER_FILENAME)) as f:
-            host, pid = f.read().split()
-        pid = int(pid)
-    except (OSError, ValueError):
-        return False  # no (readable) record: not ours to judge
-    if host != socket.gethostname():
-        return False  # another machine on a shared file system: its pids mean nothing here
+def owner_is_dead(name: str, prefix: str) -> bool:
+    """True only when ``name`` (made by :func:`owned_name`/:func:`make_temp_dir` with ``prefix``) belongs to a
+    process of this host that no longer exists. Names without an owner are never judged dead."""
+    if not name.startswith(prefix):
+        return False
+    parts = name[len(prefix):].split('.', 2)
+    if len(parts) != 3 or not parts[0].isdigit():
+        return False
+    pid, host = int(parts[0]), parts[1]
+    if host != _host_tag():
+        return False  # another machine on a shared file system
     return pid != os.getpid() and not _pid_alive(pid)
 
 
@@ -139,16 +145,10 @@ def remove_stale_temp_dirs(parent, prefixes: Iterable[str]) -> List[str]:
     removed = []
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
-        if name.startswith(prefixes) and os.path.isdir(path) and not os.path.islink(path) and owner_is_dead(path):
+        if os.path.isdir(path) and not os.path.islink(path) and any(owner_is_dead(name, p) for p in prefixes):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def mark_owned(path) -> None:
-    """Record this process as owner of an existing folder (e.g. an old dataset moved aside before deletion)."""
-    with open(os.path.join(os.fspath(path), OWNER_FILENAME), 'w') as f:
-        f.write(_owner_record())
 
 
 # ------------------------------------------------------------------------------------------------- workers
