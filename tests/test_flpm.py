@@ -17,8 +17,8 @@ from nnunetv2_semiseg.networks.flpm import (STD_EPS, FeatureLevelPerturbation, b
                                             perturb_features)
 from nnunetv2_semiseg.networks.reconstruction_decoder import ReconstructionDecoder
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
-from nnunetv2_semiseg.trainers.flpm import (nnUNetTrainerFLPM, nnUNetTrainerFLPM_L1, nnUNetTrainerFLPM_noFPC,
-                                            nnUNetTrainerFLPM_noRec)
+from nnunetv2_semiseg.trainers.flpm import (nnUNetTrainerFLPM, nnUNetTrainerFLPM_L1, nnUNetTrainerFLPM_lightRec,
+                                            nnUNetTrainerFLPM_noFPC, nnUNetTrainerFLPM_noRec)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,6 +146,23 @@ def _unet(dim=2, num_outputs=4, in_channels=1):
                          deep_supervision=True)
 
 
+@pytest.mark.parametrize('convs_per_stage', [1, 2])
+def test_penultimate_feature_and_last_stage_head_reproduce_the_logits(convs_per_stage):
+    torch.manual_seed(4)
+    base = PlainConvUNet(1, 3, (4, 8, 16), nn.Conv2d, 3, (1, 2, 2), (2, 2, 2), 3, (convs_per_stage,) * 2,
+                         conv_bias=True, norm_op=nn.InstanceNorm2d, norm_op_kwargs={'affine': True},
+                         nonlin=nn.LeakyReLU, deep_supervision=True)
+    net = SemiSegNetwork(base, None)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out = net.forward_with_features(x)
+        assert torch.allclose(net.last_stage_head(out['penultimate']), out['seg'][0], atol=1e-6)
+        assert torch.allclose(out['seg'][0], base(x)[0], atol=1e-6)
+    # one block per stage: the feature is the last stage's input (upsampled features + skip)
+    expected_channels = 8 if convs_per_stage == 1 else 4
+    assert out['penultimate'].shape[1] == expected_channels
+
+
 def test_reconstruction_decoder_shape_keys_and_gradient_reaches_the_encoder():
     torch.manual_seed(2)
     base = _unet(2, 4, in_channels=2)
@@ -228,7 +245,10 @@ class _StockView(nn.Module):
 def test_variants_change_one_thing():
     lm = LabelManager({'background': 0, 'fg': 1}, None)
     assert nnUNetTrainerFLPM_noRec.build_training_heads(_unet(), 2) is None
-    assert isinstance(nnUNetTrainerFLPM.build_training_heads(_unet(), 2), ReconstructionDecoder)
+    full = nnUNetTrainerFLPM.build_training_heads(_unet(), 2)
+    assert isinstance(full, ReconstructionDecoder) and [len(s.convs) for s in full.decoder.stages] == [2, 2]
+    light = nnUNetTrainerFLPM_lightRec.build_training_heads(_unet(), 2)
+    assert [len(s.convs) for s in light.decoder.stages] == [1, 1]
     no_rec = _loss_only_trainer(nnUNetTrainerFLPM_noRec, lm, 2, 2)
     assert [c.name for c in no_rec.loss_components] == ['fpc']
     no_fpc = _loss_only_trainer(nnUNetTrainerFLPM_noFPC, lm, 2, 2)

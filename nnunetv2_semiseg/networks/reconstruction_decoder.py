@@ -8,7 +8,7 @@ would fail) and the back-reference to the encoder (it would duplicate every enco
 keys). It lives in ``network.heads`` (trained with the student, never called at inference, dropped by the plain
 export).
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -24,10 +24,14 @@ def input_channels_of(encoder: nn.Module) -> int:
 
 
 class ReconstructionDecoder(nn.Module):
-    def __init__(self, base_network: nn.Module):
+    """``convs_per_stage``: None = as many convolution blocks per stage as the segmentation decoder (SFPC's "same
+    U-Net shape"); an int makes a lighter decoder (e.g. 1: about a third less work for the decoder)."""
+
+    def __init__(self, base_network: nn.Module, convs_per_stage: Optional[int] = None):
         super().__init__()
         encoder, segmentation_decoder = base_network.encoder, base_network.decoder
-        convs_per_stage: List[int] = [len(stage.convs) for stage in segmentation_decoder.stages]
+        if convs_per_stage is None:
+            convs_per_stage: List[int] = [len(stage.convs) for stage in segmentation_decoder.stages]
         decoder = UNetDecoder(encoder, input_channels_of(encoder), convs_per_stage, deep_supervision=False)
         del decoder.encoder                                    # shared encoder: keep its weights in one place
         decoder.seg_layers = nn.ModuleList([decoder.seg_layers[-1]])   # only the full-resolution output is used

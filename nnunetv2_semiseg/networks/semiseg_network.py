@@ -54,8 +54,9 @@ class SemiSegNetwork(nn.Module):
         Re-implements the ten-line ``UNetDecoder.forward`` loop over the decoder's own submodules (it has no hook
         returning features), so parameters and outputs are identical to ``self.decoder(skips)``. The last stage's
         convolution blocks run one by one (``StackedConvBlocks.forward`` is ``self.convs(x)``), which also exposes
-        ``'penultimate'``: the feature between the last stage's second-last and last convolution block (SFPC's
-        "second-last conv layer"; the input of :meth:`last_stage_head`).
+        ``'penultimate'``: the input of the last stage's last convolution block, i.e. the output of its second-last
+        block (SFPC's "second-last conv layer"), or, for plans with one block per decoder stage, the stage's input
+        (upsampled features concatenated with the skip); the input of :meth:`last_stage_head`.
         """
         skips = self.encoder(x)
         decoder = self.decoder
@@ -66,7 +67,8 @@ class SemiSegNetwork(nn.Module):
         for s in range(num_stages):
             h = decoder.transpconvs[s](lower_res)
             h = torch.cat((h, skips[-(s + 2)]), 1)
-            if s == num_stages - 1 and len(getattr(decoder.stages[s], 'convs', ())) >= 2:
+            if s == num_stages - 1 and hasattr(decoder.stages[s], 'convs'):
+                # with a single block per stage convs[:-1] is empty: the feature is that block's input
                 penultimate = decoder.stages[s].convs[:-1](h)
                 h = decoder.stages[s].convs[-1](penultimate)
             else:

@@ -37,6 +37,7 @@ class nnUNetTrainerFLPM(nnUNetTrainerComposed):
     # --- reconstruction (L_r) ---
     use_reconstruction = True
     reconstruction_weight = 0.5           # lambda_2
+    reconstruction_convs_per_stage = None  # None: the segmentation decoder's shape (the paper); 1: lighter (_lightRec)
 
     loss_term_names = ('sup', 'fpc', 'rec')
     # The training call passes a closure through the network (train_fn): torch.compile would re-trace every step.
@@ -46,7 +47,7 @@ class nnUNetTrainerFLPM(nnUNetTrainerComposed):
     def build_component_heads(cls, base_network: nn.Module, num_output_channels: int) -> Dict[str, nn.Module]:
         if not cls.use_reconstruction:
             return {}
-        return {Reconstruction.heads_key: ReconstructionDecoder(base_network)}
+        return {Reconstruction.heads_key: ReconstructionDecoder(base_network, cls.reconstruction_convs_per_stage)}
 
     def build_loss_components(self) -> List[LossComponent]:
         components: List[LossComponent] = [FeaturePerturbedConsistency(
@@ -74,3 +75,9 @@ class nnUNetTrainerFLPM_noFPC(nnUNetTrainerFLPM):
 class nnUNetTrainerFLPM_L1(nnUNetTrainerFLPM):
     """L1 instead of L2 norm of p_m - p_bar in the consistency."""
     consistency_norm = 1
+
+
+class nnUNetTrainerFLPM_lightRec(nnUNetTrainerFLPM):
+    """Not in the paper: a reconstruction decoder with one convolution block per stage instead of the segmentation
+    decoder's two, to cut the step's cost (docs/flpm.md "Cost")."""
+    reconstruction_convs_per_stage = 1

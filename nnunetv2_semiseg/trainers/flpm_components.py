@@ -38,10 +38,10 @@ class FeaturePerturbedConsistency(LossComponent):
         """(M, B_u, C, *spatial) probabilities of the M perturbed copies of the unlabeled rows."""
         penultimate = context.out.get('penultimate')
         if penultimate is None:
-            raise RuntimeError('FLPM perturbs the feature between the last decoder stage\'s two convolution blocks, '
-                               'but this network\'s last decoder stage has fewer than two (n_conv_per_stage_decoder '
-                               '< 2 in the plans) or the trainer\'s student_forward does not return it. Use plans '
-                               'with n_conv_per_stage_decoder >= 2 (nnU-Net\'s default).')
+            raise RuntimeError('FLPM perturbs the input of the last decoder stage\'s last convolution block, but this '
+                               'network\'s decoder has no StackedConvBlocks stages (a custom architecture) or the '
+                               'trainer\'s student_forward does not return out[\'penultimate\']. Use an nnU-Net '
+                               'PlainConvUNet / ResidualEncoderUNet configuration.')
         unlabeled = penultimate[context.unlabeled]
         if unlabeled.shape[0] < 2 and not self._warned_single_sample and not torch.distributed.is_initialized():
             warnings.warn('FLPM: one unlabeled sample per step has no batch spread of its feature statistics, so the '
