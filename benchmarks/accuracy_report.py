@@ -160,7 +160,7 @@ def draw_figure(data: Dict, comps: Dict, path: str, title: str):
     ax.set_xticklabels(methods, rotation=30, ha='right')
     ax.set_ylabel('test Dice % (one line = one test case, one seed)')
     ax.set_title('per-case test Dice')
-    ax.legend(loc='lower right', fontsize=8)
+    ax.legend(loc='best', fontsize=8, framealpha=0.6)
 
     ax = axes[1]
     others = [m for m in methods if m != BASELINE and comps.get(m, {}).get('vs_a') is not None]
@@ -179,7 +179,7 @@ def draw_figure(data: Dict, comps: Dict, path: str, title: str):
     ax.set_ylabel('Dice % minus supervised_a (same case, same seed)')
     ax.set_title('paired difference to supervised_a')
     if others:
-        ax.legend(loc='lower right', fontsize=8)
+        ax.legend(loc='best', fontsize=8, framealpha=0.6)
 
     ax = axes[2]
     gapped = [m for m in others if m != UPPER and comps[m]['vs_a'].gap_closed is not None
