@@ -9,9 +9,24 @@ from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_lowestScoreProtot
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_noLDS  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_noCS  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_KL  # noqa: F401
+from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_ACDC  # noqa: F401
+from nnunetv2_semiseg.trainers.flpm import (nnUNetTrainerFLPM, nnUNetTrainerFLPM_L1,  # noqa: F401
+                                            nnUNetTrainerFLPM_lightRec, nnUNetTrainerFLPM_noFPC,
+                                            nnUNetTrainerFLPM_noRec)
+from nnunetv2_semiseg.trainers.flpm_ssnet import nnUNetTrainerSSNetFLPM  # noqa: F401
 from nnunetv2_semiseg.trainers.dualstream import (nnUNetTrainerDualStream,  # noqa: F401
                                                   nnUNetTrainerDualStream_noConsistency,
                                                   nnUNetTrainerDualStream_noContrast,
                                                   nnUNetTrainerDualStream_noUncertainty,
                                                   nnUNetTrainerDualStream_releasedCode,
                                                   nnUNetTrainerDualStream_resEncM)
+from nnunetv2_semiseg.trainers.study_variants import (nnUNetTrainerMeanTeacher_consistency1,  # noqa: F401
+                                                      nnUNetTrainerMeanTeacher_ramp10,
+                                                      nnUNetTrainerSSNet_unsupervised01)
+from nnunetv2_semiseg.trainers.bcp import (nnUNetTrainerBCP, nnUNetTrainerBCP_noLCC,  # noqa: F401
+                                           nnUNetTrainerBCP_noPretrain, nnUNetTrainerBCP_oneDirection)
+from nnunetv2_semiseg.trainers.voxel_adversarial import (nnUNetTrainerVoxelAdversarial,  # noqa: F401
+                                                         nnUNetTrainerVoxelAdversarial_beta100,
+                                                         nnUNetTrainerVoxelAdversarial_noAdv,
+                                                         nnUNetTrainerVoxelAdversarial_noConsistency,
+                                                         nnUNetTrainerVoxelAdversarial_noFeature)
