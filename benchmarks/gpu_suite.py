@@ -51,7 +51,7 @@ NEW_TRAINERS = ['nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerFLPM', 'nnUNetTra
                 'nnUNetTrainerDualStream', 'nnUNetTrainerBCP']
 E2E_TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet'] + NEW_TRAINERS
 COST_TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet'] + NEW_TRAINERS + \
-    ['nnUNetTrainerDualStream_releasedCode']
+    ['nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerBCP_noPretrain']
 ACCURACY_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'selftrain',
                     'nnUNetTrainerBCP', 'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerFLPM',
                     'nnUNetTrainerDualStream', 'nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerSSNetFLPM']

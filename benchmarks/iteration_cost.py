@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 DATASET_ID = 991
 DEFAULT_TRAINERS = ['nnUNetTrainer', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerVoxelAdversarial',
                     'nnUNetTrainerFLPM', 'nnUNetTrainerSSNetFLPM', 'nnUNetTrainerDualStream',
-                    'nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerBCP']
+                    'nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerBCP', 'nnUNetTrainerBCP_noPretrain']
 # The second baseline: stock nnUNetTrainer on plans whose batch size is doubled (the labeled + unlabeled rows a
 # semi-supervised student sees). A CPU's cost per step grows faster than the batch (measured: 4 patches cost 2.41x
 # 2 patches), so a method's own cost is its ratio to this row, not to nnUNetTrainer.
@@ -147,8 +147,9 @@ def ratio(value, reference) -> float:
 def markdown_table(results, device, plans_name, machine) -> str:
     base = next((r for r in results if r['trainer'] == 'nnUNetTrainer'), None)
     twice = next((r for r in results if r['trainer'] == TWICE_BATCH), None)
+    first = base or results[0]
     lines = [f'Machine: {machine}. Device: {device}. Plans: `{plans_name}` 3d_fullres, patch '
-             f'{results[0]["patch_size"]}, labeled batch {results[0]["batch_size"]}. '
+             f'{first["patch_size"]}, labeled batch {first["batch_size"]}. '
              f'Median of {results[0]["iterations"]} iterations after {results[0]["warmup"]} warm-up, fastest of '
              f'{results[0]["repeats"]} interleaved repeats per trainer; '
              f'measured {time.strftime("%Y-%m-%d")}.', '',
@@ -213,7 +214,7 @@ def main(argv=None):
     work = args.work or tempfile.mkdtemp(prefix='semiseg_itercost_')
     plans_name = prepare_dataset(work, args.plans)
     env = nnunet_env(work, {'nnUNet_n_proc_DA': '0', 'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'false'})
-    trainers = [b for b in BASELINES if b not in args.trainers] + list(args.trainers)
+    trainers = BASELINES + [t for t in args.trainers if t not in BASELINES]
     best = {}
     for name in [t for _ in range(args.repeats) for t in trainers]:
         print(f'measuring {name} ...', flush=True)
