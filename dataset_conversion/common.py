@@ -42,6 +42,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from nnunetv2_semiseg.utilities.cli import positive_int
+
 SPLITS_PACKAGE = "dataset_conversion"
 SPLITS_SUBDIR = "splits"
 FILE_ENDING = ".nii.gz"
@@ -110,17 +112,6 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
                         "(the dropped IDs are recorded in semiseg_split.json); the labeled set is chosen AFTER "
                         "dropping, so it can differ from the published protocol")
     return p
-
-
-def positive_int(text: str) -> int:
-    """argparse type for -np: an integer >= 1 (as nnU-Net's -np)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} processes: pass at least 1")
-    return value
 
 
 def resolve_output_root(output: Path | None) -> Path:

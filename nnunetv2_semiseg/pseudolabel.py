@@ -34,6 +34,8 @@ import sys
 import uuid
 from typing import Dict, List, Optional, Sequence, Union
 
+from nnunetv2_semiseg.utilities.cli import non_negative_int
+
 MANIFEST_FILENAME = 'semiseg_pseudolabels.json'
 UNLABELED_FOLDER = 'imagesUnlabeled'
 COPIED_TEST_FOLDERS = ('imagesTs', 'labelsTs')
@@ -556,17 +558,6 @@ def write_real_only_splits(new_dataset_name_or_id, overwrite: bool = False, verb
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
-def _non_negative_int(text: str) -> int:
-    """argparse type for -npp/-nps: an integer >= 0 (0 = no worker processes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{value} processes: pass 0 (no workers) or more')
-    return value
-
-
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name) or default)
@@ -603,10 +594,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                                        "CUDA_VISIBLE_DEVICES")
     parser.add_argument('--disable_tta', action='store_true', help='Predict without mirroring (faster, less accurate)')
     parser.add_argument('-step_size', type=float, default=0.5, help='Sliding-window step size. Default: 0.5')
-    parser.add_argument('-npp', type=_non_negative_int, default=_env_int('nnUNet_npp', 3),
+    parser.add_argument('-npp', type=non_negative_int, default=_env_int('nnUNet_npp', 3),
                         help='Processes for preprocessing during prediction. Default: 3 (env nnUNet_npp). '
                              '-npp 0 -nps 0 predicts in this process, without workers')
-    parser.add_argument('-nps', type=_non_negative_int, default=_env_int('nnUNet_nps', 3),
+    parser.add_argument('-nps', type=non_negative_int, default=_env_int('nnUNet_nps', 3),
                         help='Processes for exporting the predictions. Default: 3 (env nnUNet_nps)')
     parser.add_argument('-prev_stage_predictions', default=None,
                         help='Cascade only: folder with the previous stage\'s predictions of the unlabeled cases')

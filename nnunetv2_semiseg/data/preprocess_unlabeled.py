@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
+from nnunetv2_semiseg.utilities.cli import positive_int
+
 RECORD_FILENAME = 'semiseg_unlabeled.json'
 UNLABELED_RAW_FOLDER = 'imagesUnlabeled'
 
@@ -392,17 +394,6 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
     if verbose:
         print(f'Wrote {len(cases)} unlabeled case(s) to {out_folder}')
     return out_folder
-
-
-def positive_int(text: str) -> int:
-    """argparse type for process counts: an integer >= 1 (nnU-Net's -np needs at least one process)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} processes: pass at least 1')
-    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
