@@ -17,7 +17,7 @@ from nnunetv2_semiseg.networks.flpm import (STD_EPS, FeatureLevelPerturbation, b
                                             perturb_features)
 from nnunetv2_semiseg.networks.reconstruction_decoder import ReconstructionDecoder
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
-from nnunetv2_semiseg.trainers.flpm import (nnUNetTrainerFLPM, nnUNetTrainerFLPM_L1, nnUNetTrainerFLPM_lightRec,
+from nnunetv2_semiseg.trainers.flpm import (nnUNetTrainerFLPM, nnUNetTrainerFLPM_L1, nnUNetTrainerFLPM_fullRec,
                                             nnUNetTrainerFLPM_noFPC, nnUNetTrainerFLPM_noRec)
 
 
@@ -245,10 +245,10 @@ class _StockView(nn.Module):
 def test_variants_change_one_thing():
     lm = LabelManager({'background': 0, 'fg': 1}, None)
     assert nnUNetTrainerFLPM_noRec.build_training_heads(_unet(), 2) is None
-    full = nnUNetTrainerFLPM.build_training_heads(_unet(), 2)
-    assert isinstance(full, ReconstructionDecoder) and [len(s.convs) for s in full.decoder.stages] == [2, 2]
-    light = nnUNetTrainerFLPM_lightRec.build_training_heads(_unet(), 2)
-    assert [len(s.convs) for s in light.decoder.stages] == [1, 1]
+    default = nnUNetTrainerFLPM.build_training_heads(_unet(), 2)   # one block per stage: the 1.75x cost bound
+    assert isinstance(default, ReconstructionDecoder) and [len(s.convs) for s in default.decoder.stages] == [1, 1]
+    full = nnUNetTrainerFLPM_fullRec.build_training_heads(_unet(), 2)    # the segmentation decoder's shape
+    assert [len(s.convs) for s in full.decoder.stages] == [2, 2]
     no_rec = _loss_only_trainer(nnUNetTrainerFLPM_noRec, lm, 2, 2)
     assert [c.name for c in no_rec.loss_components] == ['fpc']
     no_fpc = _loss_only_trainer(nnUNetTrainerFLPM_noFPC, lm, 2, 2)

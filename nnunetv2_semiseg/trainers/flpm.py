@@ -37,7 +37,11 @@ class nnUNetTrainerFLPM(nnUNetTrainerComposed):
     # --- reconstruction (L_r) ---
     use_reconstruction = True
     reconstruction_weight = 0.5           # lambda_2
-    reconstruction_convs_per_stage = None  # None: the segmentation decoder's shape (the paper); 1: lighter (_lightRec)
+    # One conv block per reconstruction stage (the segmentation decoder has two): SFPC gives G_2 no shape beyond "two
+    # slightly different decoders" / "reconstruction head", and the decoder's shape would cost 1.96x the
+    # twice-the-batch supervised step in FLOPs, above the 1.75x bound (docs/flpm.md "Cost"). None = the segmentation
+    # decoder's shape (_fullRec).
+    reconstruction_convs_per_stage = 1
 
     loss_term_names = ('sup', 'fpc', 'rec')
     # The training call passes a closure through the network (train_fn): torch.compile would re-trace every step.
@@ -77,7 +81,7 @@ class nnUNetTrainerFLPM_L1(nnUNetTrainerFLPM):
     consistency_norm = 1
 
 
-class nnUNetTrainerFLPM_lightRec(nnUNetTrainerFLPM):
-    """Not in the paper: a reconstruction decoder with one convolution block per stage instead of the segmentation
-    decoder's two, to cut the step's cost (docs/flpm.md "Cost")."""
-    reconstruction_convs_per_stage = 1
+class nnUNetTrainerFLPM_fullRec(nnUNetTrainerFLPM):
+    """A reconstruction decoder of the segmentation decoder's shape (as many conv blocks per stage) instead of the
+    default's one block per stage: 1.96x instead of 1.73x the twice-the-batch step in FLOPs (docs/flpm.md "Cost")."""
+    reconstruction_convs_per_stage = None
