@@ -1,6 +1,7 @@
 """``nnUNetv2_semiseg_preprocess_unlabeled``: output, record, re-runs, and every promised error."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -137,3 +138,24 @@ def test_existing_folder_made_with_other_plans(ws):
     preprocess_unlabeled(ws.dataset_id, CFG, 'nnUNetPlansOther', overwrite_other_plans=True, verbose=False)
     assert json.load(open(os.path.join(folder, RECORD_FILENAME)))['plans_name'] == 'nnUNetPlansOther'
     assert _no_temp_leftovers(ws)
+
+
+def test_trainer_names_what_differs_from_its_plans(ws):
+    """The trainer refuses an unlabeled folder made with other preprocessing and says which setting differs."""
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_semiseg.trainers.semi_supervised import MissingUnlabeledDataError, nnUNetTrainerSemiSupervised
+    plans = json.load(open(os.path.join(ws.preprocessed, ws.plans + '.json')))
+    recorded = json.load(open(os.path.join(_unlabeled_folder(ws), RECORD_FILENAME)))['preprocessing']['spacing']
+    plans['configurations'][CFG]['spacing'] = [3.0, 2.0, 2.0]
+    trainer = SimpleNamespace(unlabeled_folder=_unlabeled_folder(ws), plans_manager=PlansManager(plans),
+                              configuration_name=CFG, preprocess_unlabeled_command=lambda: 'PREPROCESS')
+    expected = f'names other preprocessing (spacing {json.dumps(recorded)} -> [3.0, 2.0, 2.0]). Re-create it with:\n' \
+               f'    PREPROCESS --overwrite'
+    with pytest.raises(MissingUnlabeledDataError, match=re.escape(expected)):
+        nnUNetTrainerSemiSupervised.check_unlabeled_folder(trainer)
+    plans['configurations'][CFG]['spacing'] = recorded        # the record's own settings pass
+    nnUNetTrainerSemiSupervised.check_unlabeled_folder(
+        SimpleNamespace(**{**vars(trainer), 'plans_manager': PlansManager(plans)}))

@@ -28,7 +28,8 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, preprocessing_fingerprint,
+from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describe_differences,
+                                                        preprocessing_fingerprint, preprocessing_settings,
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
@@ -130,10 +131,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         record = read_record(folder)
         expected = preprocessing_fingerprint(self.plans_manager.plans, self.configuration_name)
         if record is None or record.get('preprocessing_fingerprint') != expected:
+            differences = '' if record is None else ' (' + describe_differences(
+                record.get('preprocessing'), preprocessing_settings(self.plans_manager.plans,
+                                                                    self.configuration_name)) + ')'
             raise MissingUnlabeledDataError(
                 f'{folder} was not preprocessed with the plans of this training '
                 f'({self.plans_manager.plans_name}, {self.configuration_name}): its {RECORD_FILENAME} '
-                f'{"is missing" if record is None else "names other preprocessing"}. Re-create it with:\n    '
+                f'{"is missing" if record is None else "names other preprocessing"}{differences}. Re-create it '
+                f'with:\n    '
                 f'{self.preprocess_unlabeled_command()} --overwrite')
 
     def get_unlabeled_dataloader(self):
