@@ -224,7 +224,7 @@ def schedule_env(args) -> Dict[str, str]:
     env = nnunet_env(args.work)
     epochs, iterations, val_iterations = args.schedule_values
     for var in ('nnUNet_semiseg_num_epochs', 'nnUNet_semiseg_iterations_per_epoch',
-                'nnUNet_semiseg_val_iterations_per_epoch'):
+                'nnUNet_semiseg_val_iterations_per_epoch', 'nnUNet_semiseg_snapshot_epochs'):
         env.pop(var, None)
     if epochs is not None:
         env.update({'nnUNet_semiseg_num_epochs': str(epochs), 'nnUNet_semiseg_iterations_per_epoch': str(iterations),
@@ -234,6 +234,8 @@ def schedule_env(args) -> Dict[str, str]:
                 # nnU-Net's final validation on fold 'all' predicts the training cases: its numbers are not used
                 # here and on a CPU it costs minutes per run
                 'nnUNet_semiseg_skip_final_validation': '1'})
+    if args.snapshot_epochs:
+        env['nnUNet_semiseg_snapshot_epochs'] = ','.join(str(e) for e in args.snapshot_epochs)
     return env
 
 
@@ -277,12 +279,13 @@ def trainer_iterations(args, folder: str) -> int:
     return 250
 
 
-def predict_and_evaluate(args, dataset_id: int, trainer: str, raw_a: str, tag: str) -> Dict:
+def predict_and_evaluate(args, dataset_id: int, trainer: str, raw_a: str, tag: str,
+                         checkpoint: str = 'checkpoint_final.pth') -> Dict:
     from nnunetv2_semiseg.evaluation.evaluate import evaluate_folders
     out = os.path.join(args.work, 'predictions', args.results_tag, tag)
     shutil.rmtree(out, ignore_errors=True)
     command = ['nnUNetv2_predict', '-i', os.path.join(raw_a, 'imagesTs'), '-o', out, '-d', str(dataset_id),
-               '-c', CONFIGURATION, '-f', FOLD, '-tr', trainer, '-p', PLANS, '-chk', 'checkpoint_final.pth',
+               '-c', CONFIGURATION, '-f', FOLD, '-tr', trainer, '-p', PLANS, '-chk', checkpoint,
                '-device', args.device, '-npp', '1', '-nps', '1']
     if args.disable_tta:
         command.append('--disable_tta')
@@ -329,10 +332,28 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
         row.update(trainer=trainer, dataset=os.path.basename(raw['a']))
         row.update(train(args, dataset_id, trainer, method))
     row.update(predict_and_evaluate(args, dataset_id, trainer, raw['a'], method))
+    if args.snapshot_epochs:
+        row['snapshots'] = snapshot_rows(args, dataset_id, trainer, raw['a'], method)
     m = row['metrics']
     log(f'{method}: Dice {m["dice"]:.4f}, Jaccard {m["jaccard"]:.4f}, 95HD {m["hd95_voxel"]:.2f} vox, '
         f'ASD {m["asd_voxel"]:.2f} vox, train {row["train_wall_s"]:.0f} s, {row["s_per_iteration"]:.3f} s/it')
     return row
+
+
+def snapshot_rows(args, dataset_id: int, trainer: str, raw_a: str, method: str) -> Dict[str, Dict]:
+    """The learning curve: the test cases predicted with each checkpoint_epoch<N>.pth of the run, keyed by the
+    iterations done (the schedule study: where a model stops improving on the test cases)."""
+    iterations = trainer_iterations(args, model_folder(args.work, dataset_id, trainer))
+    curve = {}
+    for epoch in args.snapshot_epochs:
+        checkpoint = f'checkpoint_epoch{epoch}.pth'
+        if not os.path.isfile(os.path.join(model_folder(args.work, dataset_id, trainer), checkpoint)):
+            raise RuntimeError(f'{method}: {checkpoint} was not written (is epoch {epoch} within the schedule?)')
+        row = predict_and_evaluate(args, dataset_id, trainer, raw_a, f'{method}_epoch{epoch}', checkpoint)
+        row['epoch'] = epoch
+        curve[str(epoch * iterations)] = row
+        log(f'{method} after {epoch * iterations} iterations: Dice {row["metrics"]["dice"]:.4f}')
+    return curve
 
 
 def pseudolabel(args, ids: Dict[str, int]) -> str:
@@ -530,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'and markdown section)')
     p.add_argument('--num-workers', dest='num_workers', type=int, default=0,
                    help='nnUNet_n_proc_DA for training (0 = in-process augmentation, reproducible with the seed)')
+    p.add_argument('--snapshot-epochs', dest='snapshot_epochs', default=None,
+                   type=lambda v: sorted({int(e) for e in v.split(',')}),
+                   help='comma-separated epoch counts (e.g. 15,25,35): also predict the test cases with the '
+                        'checkpoints after these epochs (nnUNet_semiseg_snapshot_epochs), stored as the row\'s '
+                        'learning curve; epochs must be below the schedule\'s last')
     p.add_argument('--disable-tta', dest='disable_tta', action='store_true', help='predict without mirroring')
     p.add_argument('--results', default=None, help='results JSON (default: benchmarks/results/accuracy_la_*.json; '
                                                    'smoke: in the work folder)')
@@ -556,6 +582,10 @@ def main(argv=None) -> int:
         args.schedule = f'it{args.epochs * args.iterations_per_epoch}'
         SCHEDULES[args.schedule] = (args.epochs, args.iterations_per_epoch, args.val_iterations or 5)
     args.schedule_values = SCHEDULES[args.schedule]
+    if args.snapshot_epochs and (min(args.snapshot_epochs) < 1 or args.schedule_values[0] is None
+                                 or max(args.snapshot_epochs) >= args.schedule_values[0]):
+        raise SystemExit(f'--snapshot-epochs {args.snapshot_epochs}: each must be between 1 and the schedule\'s '
+                         f'epochs - 1 ({args.schedule_values[0]}); the last epoch is checkpoint_final.pth')
     args.spacing = SMOKE_SPACING if args.smoke else TARGET_SPACING
     args.labeled_label = args.labeled
     case_root = os.path.join(args.data, CASE_FOLDER)

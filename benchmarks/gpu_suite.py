@@ -14,7 +14,8 @@ Steps, in order of priority:
     the trainers that allow it (``allow_torch_compile``);
 (b) ``iteration_cost.py`` for every trainer (ratios to ``nnUNetTrainer`` and to ``nnUNetTrainer`` on twice the
     plans' batch; ``torch.cuda.max_memory_allocated``);
-(c) the LA accuracy protocol (``accuracy_la.py``: 12 test cases) on the long schedule (1000 iterations, 20 x 50)
+(c) the LA accuracy protocol (``accuracy_la.py``: 12 test cases) on the long schedule (1000 iterations, 50 x 20, with the
+    test Dice after 300, 500 and 700 iterations as a learning curve)
     for as many methods and seeds as the time budget allows, in ``ACCURACY_PLAN`` order;
 (d) the weight study (``STUDY_PLAN``: Mean Teacher's consistency weight and ramp, SS-Net's unsupervised weight) on
     the 300-iteration schedule, two seeds, if time is left.
@@ -66,6 +67,11 @@ STUDY_TRAINERS = ['nnUNetTrainerMeanTeacher_consistency1', 'nnUNetTrainerMeanTea
                   'nnUNetTrainerSSNet_unsupervised01']
 PART_BUDGET_MIN = 8.5
 
+
+# the CPU study's long schedule: 50 epochs x 20 (the 300-iteration protocol's epoch length), with snapshots after
+# 300, 500 and 700 iterations so that one run gives the learning curve
+LONG_SCHEDULE = ['--epochs', '50', '--iterations-per-epoch', '20', '--val-iterations', '2',
+                 '--snapshot-epochs', '15,25,35']
 
 def log(msg: str) -> None:
     print(f'[gpu_suite {datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}', flush=True)
@@ -315,7 +321,7 @@ def main(argv=None) -> int:
         methods = args.accuracy_methods or (['supervised_a', 'nnUNetTrainerMeanTeacher'] if args.smoke
                                             else ACCURACY_METHODS)
         suite.accuracy_runs('accuracy', methods, ACCURACY_SEEDS[:1] if args.smoke else ACCURACY_SEEDS,
-                            ['--epochs', '20', '--iterations-per-epoch', '50', '--val-iterations', '2'])
+                            LONG_SCHEDULE)
         if not args.smoke:
             suite.accuracy_runs('study', ['supervised_a'] + STUDY_TRAINERS, ACCURACY_SEEDS,
                                 ['--epochs', '15', '--iterations-per-epoch', '20', '--val-iterations', '2'])

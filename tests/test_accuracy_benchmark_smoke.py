@@ -97,3 +97,66 @@ def test_summary_across_seeds_and_figure(tmp_path):
     assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == ['seed 12345', 'seed 2']
     with open(png, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_schedule_and_weight_study_section_and_figure(tmp_path):
+    """study_report: the learning curve of a long run (snapshots + final), its last paired step and its paired
+    difference to supervised_a at the end; each weight variant against supervised_a and against its default
+    (hand-built per-case values with known answers); the figure names every curve and every setting."""
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import study_report
+    results = tmp_path / 'results'
+    results.mkdir()
+    a = {f'c{i}': 0.5 + 0.02 * i for i in range(3)}
+    shift = lambda d, x: {c: v + x for c, v in d.items()}  # noqa: E731
+
+    def row(method, final, snapshots=None):
+        r = _row(method, 'T', sum(final.values()) / len(final))
+        r.update(per_case_dice=final, per_case_hd95_voxel={c: 4.0 for c in final}, schedule=[50, 20, 2])
+        if snapshots:
+            r['snapshots'] = {k: {'per_case_dice': v, 'epoch': int(k) // 20} for k, v in snapshots.items()}
+        return r
+
+    long = {'supervised_a': row('supervised_a', a, {'300': shift(a, -0.1), '500': shift(a, -0.05), '700': a}),
+            'supervised_b': row('supervised_b', shift(a, 0.2), {'300': shift(a, 0.1), '500': shift(a, 0.15),
+                                                                '700': shift(a, 0.18)}),
+            'nnUNetTrainerMeanTeacher': row('nnUNetTrainerMeanTeacher', shift(a, 0.05),
+                                            {'300': a, '500': a, '700': shift(a, 0.03)})}
+    (results / 'accuracy_la_labeled2_it1000_test12.json').write_text(json.dumps({'methods': long}))
+    for suffix, offset in (('', 0.0), ('_seed2', 0.1)):
+        b = shift(a, offset)
+        short = {'supervised_a': b, 'supervised_b': shift(b, 0.2), 'nnUNetTrainerMeanTeacher': shift(b, 0.05),
+                 'nnUNetTrainerMeanTeacher_consistency1': shift(b, 0.01), 'nnUNetTrainerSSNet': shift(b, 0.1),
+                 'nnUNetTrainerSSNet_unsupervised01': shift(b, 0.1)}
+        (results / f'accuracy_la_labeled2_it300_test12{suffix}.json').write_text(
+            json.dumps({'methods': {m: dict(row(m, v), schedule=[15, 20, 2]) for m, v in short.items()}}))
+    md, png = tmp_path / 'b.md', tmp_path / 'study.png'
+    out = study_report.update(str(results), str(md), str(png), notes='Reading: hand-built.', replicates=200)
+    text = md.read_text()
+    lines = {l.split(' | ')[0][2:]: l for l in text.splitlines() if l.startswith('| ')}
+    # curve: mean Dice 52 % at the end for supervised_a (cases 50, 52, 54), MT +5 at 1000 and +3 at 700
+    assert '| supervised_a | 12345 | 42.00 | 47.00 | 52.00 | 52.00 | 700->1000: +0.0 [+0.0, +0.0] | ref. |' \
+        in lines['supervised_a'], lines['supervised_a']
+    mt_long = next(l for l in text.splitlines() if l.startswith('| nnUNetTrainerMeanTeacher | 12345 |'))
+    assert '| 52.00 | 52.00 | 55.00 | 57.00 | 700->1000: +2.0 [+2.0, +2.0] | +5.0 [+5.0, +5.0] | 3/3 | 25 % ' \
+        in mt_long, mt_long
+    # the same method on the 300-iteration schedule (mean over both seeds: 57 and 67 -> 62 %)
+    assert mt_long.endswith('| 62.00 |'), mt_long
+    # weights: consistency1 is 4 points below its default on every pair, SS-Net's variant equals its default
+    cons = lines['nnUNetTrainerMeanTeacher_consistency1']
+    assert '| consistency weight 1.0 (default 0.1) | 53.00 / 63.00 | +1.0 [+1.0, +1.0] | 6/6 | 5 % | ' \
+           '-4.0 [-4.0, -4.0] | 0/6 |' in cons, cons
+    assert '| -4.0 [-4.0, -4.0] |' not in lines['nnUNetTrainerSSNet_unsupervised01']
+    assert '| +0.0 [+0.0, +0.0] | 0/6 |' in lines['nnUNetTrainerSSNet_unsupervised01']
+    assert '| nnUNetTrainerMeanTeacher_ramp10 | ramp-up over 10 % of training (default 40 %) | n/a | n/a |' \
+        in lines['nnUNetTrainerMeanTeacher_ramp10']  # not measured: listed, not invented
+    assert ('nnUNetTrainerMeanTeacher_consistency1 is worse than nnUNetTrainerMeanTeacher by -4.0 Dice points'
+            in text) and 'Reading: hand-built.\n<!-- accuracy_la:study:end -->' in text
+    fig = out['figure']
+    assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == sorted(
+        ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', '300-iteration schedule'])
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == [
+        'nnUNetTrainerMeanTeacher', 'nnUNetTrainerMeanTeacher_consistency1', 'nnUNetTrainerSSNet',
+        'nnUNetTrainerSSNet_unsupervised01']
+    with open(png, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'

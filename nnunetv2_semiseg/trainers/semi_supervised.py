@@ -33,7 +33,8 @@ from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describ
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
-from nnunetv2_semiseg.trainers.schedule import apply_schedule_overrides, final_validation_skipped
+from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
+                                                save_snapshot_if_requested)
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
 
 
@@ -305,6 +306,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             plot_loss_terms({t: self.logger.local_logger.my_fantastic_logging[k]
                              for t, k in zip(self.loss_term_names, self.term_log_keys())},
                             os.path.join(self.output_folder, 'progress_terms.png'))
+        save_snapshot_if_requested(self)
 
     def _restore_term_log_keys(self):
         """After loading a logger from a checkpoint that lacks our keys (plain nnU-Net), pad them with NaN."""
