@@ -92,7 +92,13 @@ def _seed_values(scores: Optional[Dict[str, Dict[str, float]]]) -> str:
     if not scores:
         return 'n/a'
     order = sorted(scores, key=lambda seed: (seed != str(DEFAULT_SEED), int(seed)))
-    return ' / '.join(f'{sum(scores[s].values()) / len(scores[s]) * 100:.2f}' for s in order)
+    return ', '.join(f'{s}: {sum(scores[s].values()) / len(scores[s]) * 100:.2f}' for s in order)
+
+
+def short_dice(short: Dict, method: str, seeds) -> Optional[float]:
+    """The method's mean Dice on the 300-iteration schedule over the seeds of its long run (same seeds only)."""
+    scores = {seed: c for seed, c in short['dice'].get(method, {}).items() if seed in seeds}
+    return mean_dice(scores) if scores else None
 
 
 def schedule_part(long: Dict, short: Dict, replicates: int) -> Dict:
@@ -110,7 +116,7 @@ def schedule_part(long: Dict, short: Dict, replicates: int) -> Dict:
             None if m == UPPER else curves.get(UPPER, {}).get(final), replicates)
         rows.append({'method': m, 'curve': {i: mean_dice(curve[i]) for i in steps}, 'seeds': sorted(curve[steps[-1]]),
                      'last_step': last_step, 'last_step_from': steps[-2] if len(steps) > 1 else None,
-                     'vs_a': vs_a, 'short': mean_dice(short['dice'][m]) if m in short['dice'] else None})
+                     'vs_a': vs_a, 'short': short_dice(short, m, curve[steps[-1]])})
     return {'points': points, 'final': final, 'rows': rows}
 
 
@@ -149,7 +155,7 @@ def render_markdown(schedule: Dict, weights: List[Dict], long_files: List[str], 
         points = schedule['points']
         lines += ['| method | seeds | ' + ' | '.join(f'Dice % at {p}' for p in points) +
                   ' | last step, Dice points [CI] | vs supervised_a at the end [CI] | pairs better | gap closed | '
-                  '300-iteration schedule |',
+                  '300-iteration schedule, same seeds |',
                   '|---|---|' + '---|' * len(points) + '---|---|---|---|---|']
         for r in schedule['rows']:
             c = r['vs_a']
@@ -166,7 +172,7 @@ def render_markdown(schedule: Dict, weights: List[Dict], long_files: List[str], 
                          f'{f"{c.wins}/{c.pairs}" if c else "n/a"} | {gap} | {_pct(r["short"])} |')
     else:
         lines.append('No long-schedule results yet.')
-    lines += ['', '**Weights** (300 iterations, one factor at a time; Dice per seed: 12345 / 2; the variants are '
+    lines += ['', '**Weights** (300 iterations, one factor at a time, mean test Dice per seed; the variants are '
               'in `nnunetv2_semiseg/trainers/study_variants.py`, each run as `python benchmarks/accuracy_la.py '
               '--method <variant> --epochs 15 --iterations-per-epoch 20 --val-iterations 2 --seed N`). Files: ' +
               (', '.join(f'`{f}`' for f in short_files) or 'none') + '.', '',
