@@ -343,11 +343,12 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
 def snapshot_rows(args, dataset_id: int, trainer: str, raw_a: str, method: str) -> Dict[str, Dict]:
     """The learning curve: the test cases predicted with each checkpoint_epoch<N>.pth of the run, keyed by the
     iterations done (the schedule study: where a model stops improving on the test cases)."""
-    iterations = trainer_iterations(args, model_folder(args.work, dataset_id, trainer))
+    folder = model_folder(args.work, dataset_id, trainer)
+    iterations = trainer_iterations(args, folder)
     curve = {}
     for epoch in args.snapshot_epochs:
         checkpoint = f'checkpoint_epoch{epoch}.pth'
-        if not os.path.isfile(os.path.join(model_folder(args.work, dataset_id, trainer), checkpoint)):
+        if not os.path.isfile(os.path.join(folder, checkpoint)):
             raise RuntimeError(f'{method}: {checkpoint} was not written (is epoch {epoch} within the schedule?)')
         row = predict_and_evaluate(args, dataset_id, trainer, raw_a, f'{method}_epoch{epoch}', checkpoint)
         row['epoch'] = epoch

@@ -34,7 +34,7 @@ SECTION_KEY = 'accuracy_la:study'
 SHORT_BASE = 'accuracy_la_labeled2_it300_test12'
 LONG_BASE = 'accuracy_la_labeled2_it1000_test12'
 DEFAULT_SEED = 12345
-BASELINE, UPPER = 'supervised_a', 'supervised_b'
+BASELINE, UPPER = accuracy_report.BASELINE, accuracy_report.UPPER
 # (variant, its default trainer, the one factor it changes)
 WEIGHT_SETTINGS = [
     ('nnUNetTrainerMeanTeacher_consistency1', 'nnUNetTrainerMeanTeacher', 'consistency weight 1.0 (default 0.1)'),
