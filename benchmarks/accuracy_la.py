@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Accuracy benchmark on real data: the LA subset in ``../shared/data/la_h5_uamt_subset`` (20 training and 4 test
-cases of the UA-MT h5 release), resampled to 2.5 mm isotropic so that a run fits a 2-core CPU.
+"""Accuracy benchmark on real data: the LA subset in ``../shared/data/la_h5_uamt_subset`` (20 training cases and
+every test case present, 12 in today's subset, of the UA-MT h5 release; the row records which), resampled to
+2.5 mm isotropic so that a run fits a 2-core CPU.
 
 Datasets (built once per ``--work`` folder with the LA converter, then resampled with SimpleITK):
 
-- (a) ``--labeled`` (2 by default, or 1) labeled + the other training cases unlabeled, 4 test cases;
-- (b) all 20 training cases labeled (the upper bound), same 4 test cases;
+- (a) ``--labeled`` (2 by default, or 1) labeled + the other training cases unlabeled, the test cases;
+- (b) all 20 training cases labeled (the upper bound), the same test cases;
 - the self-training union (a + pseudo-labels of (a)'s unlabeled cases), made by ``nnUNetv2_semiseg_pseudolabel``.
 
 Methods (``--method``, one or more, run one after the other; each merges its row into the results JSON and the
