@@ -112,7 +112,7 @@ def render_markdown(data: Dict, comps: Dict, title: str, description: str, figur
                 gap = '100 % (ref.)'
             elif c.gap_closed is not None and math.isfinite(c.gap_closed):
                 glow, ghigh = c.gap_closed_ci
-                gap = f'{c.gap_closed * 100:.0f} % [{_pct(glow, 0)}, {_pct(ghigh, 0)} %]'
+                gap = f'{c.gap_closed * 100:.0f} % [{_pct(glow, 0)}, {_pct(ghigh, 0)} %]' + ps.gap_seeds_note(c)
             else:
                 gap = 'n/a'
         h_text = 'n/a' if h_sum is None else (f'{h_sum.mean:.2f}' + (f' ± {h_sum.std:.2f}' if math.isfinite(h_sum.std)

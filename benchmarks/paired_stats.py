@@ -105,6 +105,7 @@ class PairedComparison:
     gap_closed: Optional[float] = None
     gap_closed_ci: Optional[Tuple[float, float]] = None
     gap_closed_defined_share: Optional[float] = None  # share of bootstrap replicates with a positive gap
+    gap_closed_seeds: Optional[List[str]] = None  # seeds where the upper reference exists (may be fewer)
 
     @property
     def separated(self) -> bool:
@@ -117,8 +118,9 @@ def compare(method: Scores, reference: Scores, upper: Optional[Scores] = None, l
             replicates: int = DEFAULT_REPLICATES, rng_seed: int = DEFAULT_RNG_SEED) -> PairedComparison:
     """Paired difference of ``method`` to ``reference`` (and, with ``upper``, the share of the gap
     reference -> upper that the method closes), with two-way bootstrap intervals."""
-    grids = (method, reference) + ((upper,) if upper is not None else ())
-    seeds, cases = common_grid(*grids)
+    # The difference uses every pair the two methods share; the gap closed needs the upper reference too,
+    # so it is computed on that (possibly smaller) grid instead of shrinking the difference's grid to it.
+    seeds, cases = common_grid(method, reference)
     if not seeds or not cases:
         raise ValueError('no (seed, case) pair is shared by the compared methods')
     m, r = as_matrix(method, seeds, cases), as_matrix(reference, seeds, cases)
@@ -128,12 +130,23 @@ def compare(method: Scores, reference: Scores, upper: Optional[Scores] = None, l
         difference_ci=bootstrap_interval([m, r], mean_difference, level, replicates, rng_seed)[:2],
         wins=int(np.sum(diff > 0)), ties=int(np.sum(diff == 0)), pairs=int(diff.size))
     if upper is not None:
-        u = as_matrix(upper, seeds, cases)
-        low, high, finite = bootstrap_interval([m, r, u], gap_closed, level, replicates, rng_seed)
-        result.gap_closed = float(gap_closed(m, r, u))
-        result.gap_closed_ci = (low, high)
-        result.gap_closed_defined_share = finite / replicates
+        gap_seeds, gap_cases = common_grid(method, reference, upper)
+        if gap_seeds and gap_cases:
+            gm, gr, gu = (as_matrix(x, gap_seeds, gap_cases) for x in (method, reference, upper))
+            low, high, finite = bootstrap_interval([gm, gr, gu], gap_closed, level, replicates, rng_seed)
+            result.gap_closed = float(gap_closed(gm, gr, gu))
+            result.gap_closed_ci = (low, high)
+            result.gap_closed_defined_share = finite / replicates
+            result.gap_closed_seeds = gap_seeds
     return result
+
+
+def gap_seeds_note(comparison: PairedComparison) -> str:
+    """' (seed 12345 only)' when the gap closed rests on fewer seeds than the difference, else ''."""
+    gap = comparison.gap_closed_seeds
+    if gap is None or list(gap) == list(comparison.seeds):
+        return ''
+    return f' (seed{"s" if len(gap) != 1 else ""} {", ".join(gap)} only)'
 
 
 def describe(name: str, reference_name: str, comparison: PairedComparison, unit: str = 'Dice points',

@@ -163,7 +163,7 @@ def render_markdown(schedule: Dict, weights: List[Dict], long_files: List[str], 
             if c is not None and c.gap_closed is not None and math.isfinite(c.gap_closed):
                 low, high = c.gap_closed_ci
                 gap = f'{c.gap_closed * 100:.0f} %' + (f' [{low * 100:.0f}, {high * 100:.0f} %]'
-                                                       if math.isfinite(low) else '')
+                                                       if math.isfinite(low) else '') + ps.gap_seeds_note(c)
             step = (f'{r["last_step_from"]}->{max(r["curve"])}: {_diff(r["last_step"])}'
                     if r['last_step'] is not None else 'n/a')
             lines.append(f'| {r["method"]} | {", ".join(r["seeds"])} | ' +
@@ -183,7 +183,7 @@ def render_markdown(schedule: Dict, weights: List[Dict], long_files: List[str], 
         c, d = r['vs_a'], r['vs_default']
         gap = 'n/a'
         if c is not None and c.gap_closed is not None and math.isfinite(c.gap_closed):
-            gap = f'{c.gap_closed * 100:.0f} %'
+            gap = f'{c.gap_closed * 100:.0f} %' + ps.gap_seeds_note(c)
         lines.append(f'| {r["method"]} | {r["factor"]} | {_seed_values(r["scores"])} | {_diff(c)} | '
                      f'{f"{c.wins}/{c.pairs}" if c else "n/a"} | {gap} | '
                      f'{"-" if r["factor"] == "default" else _diff(d)} | '

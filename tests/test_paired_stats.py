@@ -112,3 +112,22 @@ def test_summary_over_seeds():
     assert s.mean == pytest.approx(0.65) and s.std == pytest.approx(math.sqrt(0.005))
     one = ps.summarise_over_seeds(scores({1: [0.6, 0.8]}))
     assert one.mean == pytest.approx(0.7) and math.isnan(one.std)
+
+
+def test_difference_keeps_seeds_that_the_upper_reference_lacks():
+    # supervised_b measured on seed 1 only: the difference to supervised_a still pairs both seeds,
+    # the gap closed uses seed 1 alone.
+    a = scores({1: [0.6, 0.6], 2: [0.5, 0.7]})
+    m = scores({1: [0.7, 0.7], 2: [0.8, 0.8]})
+    b = scores({1: [0.8, 0.8]})
+    c = ps.compare(m, a, upper=b, replicates=200)
+    assert c.seeds == ['1', '2'] and c.pairs == 4
+    assert c.difference == pytest.approx((0.1 + 0.1 + 0.3 + 0.1) / 4)
+    assert c.wins == 4
+    assert c.gap_closed_seeds == ['1']
+    assert c.gap_closed == pytest.approx(0.5)
+    # without an upper reference for any shared seed there is no gap closed, but the difference stands
+    none = ps.compare(m, a, upper=scores({3: [0.9, 0.9]}), replicates=50)
+    assert none.gap_closed is None and none.pairs == 4
+    assert ps.gap_seeds_note(c) == ' (seed 1 only)'
+    assert ps.gap_seeds_note(ps.compare(m, a, upper=scores({1: [0.8, 0.8], 2: [0.9, 0.9]}), replicates=50)) == ''
