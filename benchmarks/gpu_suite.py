@@ -72,6 +72,9 @@ PART_BUDGET_MIN = 8.5
 # 300, 500 and 700 iterations so that one run gives the learning curve
 LONG_SCHEDULE = ['--epochs', '50', '--iterations-per-epoch', '20', '--val-iterations', '2',
                  '--snapshot-epochs', '15,25,35']
+# the CPU protocol's short schedule (300 iterations), on which the weight study runs
+SHORT_SCHEDULE = ['--epochs', '15', '--iterations-per-epoch', '20', '--val-iterations', '2']
+
 
 def log(msg: str) -> None:
     print(f'[gpu_suite {datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {msg}', flush=True)
@@ -324,7 +327,7 @@ def main(argv=None) -> int:
                             LONG_SCHEDULE)
         if not args.smoke:
             suite.accuracy_runs('study', ['supervised_a'] + STUDY_TRAINERS, ACCURACY_SEEDS,
-                                ['--epochs', '15', '--iterations-per-epoch', '20', '--val-iterations', '2'])
+                                SHORT_SCHEDULE)
     suite.save()
     failed = [x for s in suite.record['steps'].values() for x in s.get('runs', []) if not x['ok']] + \
         [k for k, s in suite.record['steps'].items() if 'ok' in s and not s['ok']]
