@@ -194,7 +194,7 @@ def _controlled_context(trainer, data, gt, unlabeled, teacher_probabilities):
     context = trainer.make_context(trainer.network, x, _ds(gt), data.shape[0])
     teacher = trainer.consistency.teacher_outputs(x)
     teacher['probabilities'] = teacher_probabilities
-    context.cache['teacher'] = teacher
+    context.cache[trainer.consistency.cache_key] = teacher
     return context
 
 
@@ -276,7 +276,7 @@ def test_byol_target_is_the_teacher_projection_of_the_same_voxels():
     byol.routing.generator = torch.Generator().manual_seed(5)
     rows, flat, classes = byol.routing.sample(byol.routing.labeled_classes(context))
     assert (rows < 2).all()                                              # labeled rows only
-    teacher_skips = [s[:2] for s in context.cache['teacher']['skips'][:4]]
+    teacher_skips = [s[:2] for s in context.cache[trainer.consistency.cache_key]['skips'][:4]]
     student_skips = [s[:2] for s in context.out['skips'][:4]]
     heads, teacher_heads = trainer.network.heads, trainer.teacher.heads
     with torch.no_grad():

@@ -22,6 +22,14 @@ import torch
 from torch import nn
 
 
+def heads_of(network: nn.Module, key: str) -> Optional[nn.Module]:
+    """``network.heads`` itself when one component has heads, ``network.heads[key]`` when several do. Works for the
+    student and for an EMA teacher (a copy of the student with the same heads layout)."""
+    from nnunetv2_semiseg.networks.semiseg_network import ComponentHeads
+    heads = getattr(network, 'heads', None)
+    return heads[key] if isinstance(heads, ComponentHeads) else heads
+
+
 @dataclass
 class StepContext:
     """Everything the components of one training step share.
@@ -52,9 +60,7 @@ class StepContext:
     def heads_for(self, key: str) -> Optional[nn.Module]:
         """The training heads of the component whose ``heads_key`` is ``key``: ``net.heads`` itself when a single
         component has heads, ``net.heads[key]`` when several do (see ``networks/semiseg_network.ComponentHeads``)."""
-        from nnunetv2_semiseg.networks.semiseg_network import ComponentHeads
-        heads = getattr(self.net, 'heads', None)
-        return heads[key] if isinstance(heads, ComponentHeads) else heads
+        return heads_of(self.net, key)
 
     @property
     def seg(self):
@@ -111,7 +117,13 @@ class LossComponent:
         raise NotImplementedError
 
     def after_optimizer_step(self, student: nn.Module, step: int) -> None:
-        """Called after every optimizer step with the unwrapped student (EMA teachers, memory banks)."""
+        """Called after every optimizer step with the unwrapped student (EMA teachers, memory banks, the optimizer
+        step of a component's own module such as a discriminator)."""
+
+    def after_step_terms(self) -> Dict[str, torch.Tensor]:
+        """Values computed in :meth:`after_optimizer_step` to log with this step's terms (e.g. a discriminator
+        loss); the trainer adds them to the step's terms under their keys."""
+        return {}
 
     def extra_modules(self) -> List[nn.Module]:
         """Modules outside the student's network that train with it (switched to train/eval with it)."""

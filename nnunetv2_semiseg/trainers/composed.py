@@ -18,14 +18,45 @@ from nnunetv2_semiseg.trainers.components import LossComponent, StepContext
 from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 
 
+class ComponentConflictError(ValueError):
+    pass
+
+
+def check_components_compose(components: List[LossComponent], trainer_name: str) -> None:
+    """Refuse components that would overwrite each other: two with the same logged ``name`` (one term would hide
+    the other), ``state_key`` (one checkpoint slot for two states) or ``heads_key`` (one set of heads for two
+    components), and components that declare they cannot share a step (``exclusive_reason``)."""
+    for attribute in ('name', 'state_key', 'heads_key'):
+        seen: Dict[str, LossComponent] = {}
+        for component in components:
+            value = getattr(component, attribute)
+            if value is None:
+                continue
+            if value in seen:
+                raise ComponentConflictError(
+                    f'{trainer_name}: components {type(seen[value]).__name__} and {type(component).__name__} have '
+                    f'the same {attribute} {value!r}; give one of them another {attribute} (a class attribute or an '
+                    f'instance attribute set in build_loss_components).')
+            seen[value] = component
+    if len(components) > 1:
+        for component in components:
+            reason = getattr(component, 'exclusive_reason', None)
+            if reason:
+                raise ComponentConflictError(
+                    f'{trainer_name}: {type(component).__name__} cannot share a training step with other '
+                    f'components: {reason}')
+
+
 class nnUNetTrainerComposed(nnUNetTrainerSemiSupervised):
     """Subclasses implement :meth:`build_loss_components` and set ``loss_term_names = ('sup', <names>...)``."""
 
     def initialize(self):
         super().initialize()
         self.loss_components = self.build_loss_components()
+        check_components_compose(self.loss_components, type(self).__name__)
         for component in self.loss_components:
             component.to(self.device)
+        self._last_terms: Dict[str, torch.Tensor] = {}
 
     def build_loss_components(self) -> List[LossComponent]:
         raise NotImplementedError
@@ -66,11 +97,15 @@ class nnUNetTrainerComposed(nnUNetTrainerSemiSupervised):
             total = total + component.weight_at(context.fraction) * terms[component.name]
         terms.update(context.logged)
         terms['loss'] = total
+        # train_step reads the same dict after the optimizer step: after_optimizer_step adds the components'
+        # after-step values (e.g. a discriminator's loss) to it.
+        self._last_terms = terms
         return terms
 
     def after_optimizer_step(self) -> None:
         for component in self.loss_components:
             component.after_optimizer_step(self.unwrapped_network, self.global_iteration)
+            self._last_terms.update(component.after_step_terms())
 
     def extra_modules_for_mode_switch(self) -> List[nn.Module]:
         return [m for c in self.loss_components for m in c.extra_modules()]

@@ -81,14 +81,21 @@ class MeanTeacherConsistency(LossComponent):
     def teacher_pass(self, context: StepContext) -> Dict[str, torch.Tensor]:
         """The step's one teacher pass on the noisy :meth:`row_slice` rows: ``'seg'`` (full-resolution logits),
         ``'probabilities'`` (float32) and, with ``teacher_features``, ``'features'`` / ``'skips'``. Cached in
-        ``context.cache['teacher']``: the consistency, pseudo-labels and feature targets of one step see the same
-        teacher prediction of the same noisy input."""
-        if 'teacher' not in context.cache:
+        ``context.cache`` under this component's :attr:`cache_key`: the consistency, pseudo-labels and feature
+        targets of one step see the same teacher prediction of the same noisy input, and two teacher components of
+        one trainer never share (or overwrite) each other's pass."""
+        key = self.cache_key
+        if key not in context.cache:
             x = context.x[self.row_slice(context)]
             out = dict(self.teacher_outputs(x)) if self.teacher_features else {'seg': self.teacher_logits(x)}
             out['probabilities'] = context.to_probabilities(out['seg'])
-            context.cache['teacher'] = out
-        return context.cache['teacher']
+            context.cache[key] = out
+        return context.cache[key]
+
+    @property
+    def cache_key(self) -> str:
+        # One entry per component instance (its state_key is unique within a trainer, see composed.py)
+        return f'teacher_pass:{self.state_key}:{id(self)}'
 
     # --- loss ---------------------------------------------------------------------------------------------------
     def consistency(self, student_probabilities: torch.Tensor, teacher_probabilities: torch.Tensor) -> torch.Tensor:

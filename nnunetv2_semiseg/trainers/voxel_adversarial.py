@@ -9,7 +9,7 @@ Loss of the student (paper Eq. 6, nnU-Net's DC+CE in place of the V-Net Dice):
         + gamma(t) * L_c                        mean (p_student - sg(p_teacher))^2, all rows, full resolution
     gamma(t) = 0.001 * exp(-5 (1 - t)^2),  t = fraction of training done
 
-and, after the student's optimizer step and the EMA update, one Adam step of the discriminator D on the same
+and, after the student's optimizer step, one Adam step of the discriminator D on the same
 (detached) voxels: BCE(D_c(f_l), 1) + BCE(D_c(f_u), 0). alpha = 0.01, beta = 0.1 (LA; ``_beta100`` = the paper's
 multi-organ value), Adam(2e-4, betas (0.5, 0.999)) for D, pseudo-label threshold 0.7, width 64.
 
@@ -34,7 +34,7 @@ Modules: the student (+ BYOL feature layer under ``network.heads``) is the deplo
 Usage: ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerVoxelAdversarial`` (after
 ``nnUNetv2_semiseg_preprocess_unlabeled``), then stock ``nnUNetv2_predict -tr nnUNetTrainerVoxelAdversarial``.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -80,10 +80,12 @@ class nnUNetTrainerVoxelAdversarial(nnUNetTrainerComposed):
     allow_torch_compile = False
 
     @classmethod
-    def build_training_heads(cls, base_network: nn.Module, num_output_channels: int) -> Optional[nn.Module]:
+    def build_component_heads(cls, base_network: nn.Module, num_output_channels: int) -> Dict[str, nn.Module]:
         if not cls.use_feature:
-            return None
-        return VoxelFeatureHeads(encoder_levels(base_network.encoder, cls.num_feature_levels), cls.feature_dim)
+            return {}
+        return {VoxelFeatureBYOL.heads_key: VoxelFeatureHeads(encoder_levels(base_network.encoder,
+                                                                            cls.num_feature_levels),
+                                                             cls.feature_dim)}
 
     def routing(self, voxels_per_class: int) -> VoxelRouting:
         return VoxelRouting(self.label_manager.num_segmentation_heads, self.label_manager.has_regions,
@@ -110,7 +112,8 @@ class nnUNetTrainerVoxelAdversarial(nnUNetTrainerComposed):
             components.append(self.adversarial)
         if self.use_feature:
             components.append(VoxelFeatureBYOL(self.consistency, self.routing(self.feature_voxels_per_class),
-                                               student.heads.num_levels, weight=self.feature_weight))
+                                               len(encoder_levels(student.encoder, self.num_feature_levels)),
+                                               weight=self.feature_weight))
         components.append(self.consistency)
         return components
 
@@ -118,16 +121,8 @@ class nnUNetTrainerVoxelAdversarial(nnUNetTrainerComposed):
     def teacher(self) -> nn.Module:
         return self.consistency.teacher
 
-    # ------------------------------------------------------------------------------------------------------------
-    def compute_loss_terms(self, data, target, unlabeled) -> Dict[str, torch.Tensor]:
-        # Kept so the discriminator's loss, computed after the student step, joins this step's logged terms.
-        self._step_terms = super().compute_loss_terms(data, target, unlabeled)
-        return self._step_terms
-
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()                      # EMA teacher update
-        if self.adversarial is not None:
-            self._step_terms['disc'] = self.adversarial.discriminator_step()
+    # The discriminator's Adam step runs in VoxelAdversarialAlignment.after_optimizer_step (the composed base calls
+    # it after the student's step) and its loss joins the step's terms as 'disc' (after_step_terms).
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from nnunetv2_semiseg.losses.byol import byol_feature_loss
 from nnunetv2_semiseg.losses.voxel_adversarial import (classes_from_labels, classes_from_probabilities,
                                                        discriminator_loss, generator_loss, sample_class_voxels)
 from nnunetv2_semiseg.networks.voxel_discriminator import VoxelDiscriminator, sample_levels
-from nnunetv2_semiseg.trainers.components import LossComponent, StepContext
+from nnunetv2_semiseg.trainers.components import LossComponent, StepContext, heads_of
 from nnunetv2_semiseg.trainers.mean_teacher_component import MeanTeacherConsistency
 from nnunetv2_semiseg.trainers.ssnet_components import zero_touch
 
@@ -69,7 +69,8 @@ class VoxelAdversarialAlignment(LossComponent):
     reads the student's first ``num_levels`` encoder outputs at those voxels (upsampled to the input resolution)
     and scores the unlabeled ones with the discriminator's weights held constant (``functional_call`` on detached
     parameters: the student loss puts no gradient on D). The detached voxel vectors are kept for
-    :meth:`discriminator_step`, which the trainer calls after the student's optimizer step.
+    :meth:`discriminator_step`, which :meth:`after_optimizer_step` runs after the student's optimizer step (so any
+    trainer that uses this component trains its discriminator); its loss is logged as term ``disc``.
     """
     name = 'adv'
     state_key = 'voxel_discriminator'
@@ -87,6 +88,7 @@ class VoxelAdversarialAlignment(LossComponent):
         self.grad_scaler = torch.amp.GradScaler('cuda') if self.device.type == 'cuda' else None
         self.discriminator_call: nn.Module = discriminator  # replaced by a DDP wrapper under DDP (wrap_for_ddp)
         self.pending: Optional[Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]] = None
+        self.last_discriminator_loss: Optional[torch.Tensor] = None
 
     def wrap_for_ddp(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         self.discriminator_call = wrap(self.discriminator)
@@ -133,6 +135,14 @@ class VoxelAdversarialAlignment(LossComponent):
             self.optimizer.step()
         return loss.detach()
 
+    def after_optimizer_step(self, student: nn.Module, step: int) -> None:
+        # D learns from the voxels of the step the student just took (detached, so the order relative to the
+        # teacher's EMA update does not matter).
+        self.last_discriminator_loss = self.discriminator_step()
+
+    def after_step_terms(self):
+        return {} if self.last_discriminator_loss is None else {'disc': self.last_discriminator_loss}
+
     # --- component plumbing --------------------------------------------------------------------------------------
     def extra_modules(self) -> List[nn.Module]:
         return [self.discriminator]
@@ -157,8 +167,11 @@ class VoxelAdversarialAlignment(LossComponent):
 class VoxelFeatureBYOL(LossComponent):
     """L_feature on labeled rows: per class, the student's prediction(projection(fused features)) of the sampled
     ground-truth voxels against the EMA teacher's projection of the same voxels (teacher encoder + teacher feature
-    layer), all same-class pairs, stop-gradient on the teacher. The student's feature layer is ``net.heads``."""
+    layer), all same-class pairs, stop-gradient on the teacher. The student's feature layer is the network's heads
+    entry ``heads_key`` (:class:`~nnunetv2_semiseg.networks.voxel_discriminator.VoxelFeatureHeads`); the teacher's is
+    the same entry of the EMA copy."""
     name = 'feature'
+    heads_key = 'voxel_feature'
 
     def __init__(self, teacher: MeanTeacherConsistency, routing: VoxelRouting, num_levels: int, weight: float = 0.1):
         if teacher.rows != 'all':
@@ -167,13 +180,13 @@ class VoxelFeatureBYOL(LossComponent):
         self.num_levels, self.weight = int(num_levels), float(weight)
 
     def loss(self, context: StepContext) -> torch.Tensor:
-        heads = context.net.heads
+        heads = context.heads_for(self.heads_key)
         labeled = context.labeled
         full_shape = context.x.shape[2:]
         with torch.no_grad():
             rows, flat, classes = self.routing.sample(self.routing.labeled_classes(context))
             teacher_skips = _teacher_rows(self.teacher, context, labeled)['skips'][:self.num_levels]
-            teacher_projections = self.teacher.teacher.heads.project(
+            teacher_projections = heads_of(self.teacher.teacher, self.heads_key).project(
                 sample_levels(teacher_skips, rows, flat, full_shape)).float()
         student_levels = sample_levels([s[labeled] for s in context.out['skips'][:self.num_levels]], rows, flat,
                                        full_shape)
