@@ -295,3 +295,51 @@ def test_flpm_train_resume_predict_export(workspace, tmp_path, configuration):
                                             ('sup', 'fpc', 'rec'))
     assert final['logging']['train_fpc'][0] > 0 and final['logging']['train_rec'][0] > 0
     assert any(k.startswith('heads.decoder.stages.') for k in final['network_weights'])
+
+
+def test_no_norm_after_variant_perturbs_the_last_decoder_feature():
+    """_noNormAfter: the M perturbed copies are the last decoder feature of the unlabeled rows (not the
+    penultimate one) through the 1x1 segmentation layer; a mean-only shift there reaches the logits."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+    from nnunetv2_semiseg.trainers.components import StepContext
+    from nnunetv2_semiseg.trainers.flpm import nnUNetTrainerFLPM_noNormAfter
+    from nnunetv2_semiseg.trainers.flpm_components import FeaturePerturbedConsistency
+    assert nnUNetTrainerFLPM_noNormAfter.perturbation_placement == 'features'
+    torch.manual_seed(0)
+    base = PlainConvUNet(1, 2, (4, 8), torch.nn.Conv2d, 3, (1, 2), 2, 2, (2,), False, torch.nn.InstanceNorm2d,
+                         {'eps': 1e-5, 'affine': True}, None, None, torch.nn.LeakyReLU, {'inplace': True})
+    net = SemiSegNetwork(base)
+    x = torch.randn(3, 1, 8, 8)
+    out = net.forward_with_features(x)
+    context = StepContext(net=net, x=x, num_labeled=1, target=None, out=out, fraction=0.5,
+                          to_probabilities=lambda l: torch.softmax(l.float(), 1), to_hard_labels=lambda l: l.argmax(1))
+    component = FeaturePerturbedConsistency(num_perturbations=2, placement='features')
+    eps = torch.tensor([0.1, -0.05])
+    component.perturbation = _FixedEps(component.perturbation, eps)
+    got = component.perturbed_probabilities(context)
+    f = out['features'][1:].detach()
+    m, s = f.flatten(2).mean(2), (f.flatten(2).var(2, unbiased=False) + 1e-6).sqrt()
+    dm, ds = m.std(0), s.std(0)
+    expected = []
+    for e in eps:
+        g = ((s + e * ds)[..., None, None] * (f - m[..., None, None]) / s[..., None, None]
+             + (m + e * dm)[..., None, None])
+        expected.append(torch.softmax(net.decoder.seg_layers[-1](g), 1))
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+    with pytest.raises(ValueError, match='placement'):
+        FeaturePerturbedConsistency(placement='skips')
+
+
+class _FixedEps:
+    def __init__(self, perturbation, eps):
+        self.inner, self.eps, self.num_perturbations = perturbation, eps, perturbation.num_perturbations
+
+    def __call__(self, features):
+        return self.inner(features, self.eps)
+
+
+def test_flpm_no_norm_after_trains_through_the_cli(workspace, tmp_path):
+    final = run_train_resume_predict_export(workspace, tmp_path, '3d_fullres', 'nnUNetTrainerFLPM_noNormAfter',
+                                            ('sup', 'fpc', 'rec'))
+    assert final['logging']['train_fpc'][0] > 0

@@ -12,6 +12,7 @@ from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_KL  # noqa: F401
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet_ACDC  # noqa: F401
 from nnunetv2_semiseg.trainers.flpm import (nnUNetTrainerFLPM, nnUNetTrainerFLPM_L1,  # noqa: F401
                                             nnUNetTrainerFLPM_fullRec, nnUNetTrainerFLPM_noFPC,
+                                            nnUNetTrainerFLPM_noNormAfter,
                                             nnUNetTrainerFLPM_noRec)
 from nnunetv2_semiseg.trainers.flpm_ssnet import nnUNetTrainerSSNetFLPM  # noqa: F401
 from nnunetv2_semiseg.trainers.dualstream import (nnUNetTrainerDualStream,  # noqa: F401

@@ -34,6 +34,7 @@ class nnUNetTrainerFLPM(nnUNetTrainerComposed):
     entropy_weighted = True               # w_m = exp(-H(p_m)); False = the ablation's plain consistency
     consistency_weight = 0.1              # omega_max of lambda_1(t)
     consistency_ramp_length = 1.0         # lambda_1 ramps over the whole run (t / t_max)
+    perturbation_placement = 'penultimate'  # 'features': the last decoder feature, no norm follows (_noNormAfter)
     # --- reconstruction (L_r) ---
     use_reconstruction = True
     reconstruction_weight = 0.5           # lambda_2
@@ -56,7 +57,8 @@ class nnUNetTrainerFLPM(nnUNetTrainerComposed):
     def build_loss_components(self) -> List[LossComponent]:
         components: List[LossComponent] = [FeaturePerturbedConsistency(
             self.num_perturbations, self.perturbation_tau, self.consistency_norm, self.entropy_weighted,
-            weight=self.consistency_weight, ramp_length=self.consistency_ramp_length)]
+            weight=self.consistency_weight, ramp_length=self.consistency_ramp_length,
+            placement=self.perturbation_placement)]
         if self.use_reconstruction:
             components.append(Reconstruction(self.reconstruction_weight))
         return components
@@ -85,3 +87,10 @@ class nnUNetTrainerFLPM_fullRec(nnUNetTrainerFLPM):
     """A reconstruction decoder of the segmentation decoder's shape (as many conv blocks per stage) instead of the
     default's one block per stage: 1.96x instead of 1.73x the twice-the-batch step in FLOPs (docs/flpm.md "Cost")."""
     reconstruction_convs_per_stage = None
+
+
+class nnUNetTrainerFLPM_noNormAfter(nnUNetTrainerFLPM):
+    """The perturbation on the last decoder feature (the input of the 1x1 segmentation layer) instead of the input
+    of the last decoder block: no InstanceNorm follows, so both the mean and the std shift of SFPC Eq. 3 reach the
+    logits (docs/flpm.md "Where the perturbation acts")."""
+    perturbation_placement = 'features'

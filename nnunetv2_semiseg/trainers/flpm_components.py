@@ -23,8 +23,16 @@ class FeaturePerturbedConsistency(LossComponent):
     """L_u (SFPC Eq. 4-5) over ``num_perturbations`` FLPM perturbations of the unlabeled rows."""
     name = 'fpc'
 
+    PLACEMENTS = ('penultimate', 'features')
+
     def __init__(self, num_perturbations: int = 4, tau: float = 0.1, norm: int = 2, entropy_weighted: bool = True,
-                 weight: float = 0.1, ramp_length: float = 1.0):
+                 weight: float = 0.1, ramp_length: float = 1.0, placement: str = 'penultimate'):
+        # 'penultimate': input of the last decoder block (SFPC's second-last conv layer); that block's
+        # conv -> InstanceNorm removes the mean shift of Eq. 3 inside the volume. 'features': the last decoder
+        # feature, input of the 1x1 segmentation layer, where no normalisation follows (docs/flpm.md).
+        if placement not in self.PLACEMENTS:
+            raise ValueError(f'placement must be one of {self.PLACEMENTS}, got {placement!r}')
+        self.placement = placement
         self.perturbation = FeatureLevelPerturbation(num_perturbations, tau)
         self.norm, self.entropy_weighted = int(norm), bool(entropy_weighted)
         self.weight, self.ramp_length = float(weight), float(ramp_length)
@@ -36,6 +44,12 @@ class FeaturePerturbedConsistency(LossComponent):
 
     def perturbed_probabilities(self, context: StepContext) -> torch.Tensor:
         """(M, B_u, C, *spatial) probabilities of the M perturbed copies of the unlabeled rows."""
+        if self.placement == 'features':
+            unlabeled = context.out['features'][context.unlabeled]
+            logits = context.net.decoder.seg_layers[-1](self.perturbation(unlabeled))
+            probabilities = context.to_probabilities(logits)
+            return probabilities.view(self.perturbation.num_perturbations, unlabeled.shape[0],
+                                      *probabilities.shape[1:])
         penultimate = context.out.get('penultimate')
         if penultimate is None:
             raise RuntimeError('FLPM perturbs the input of the last decoder stage\'s last convolution block, but this '
