@@ -134,3 +134,17 @@ def test_ssnet_flpm_train_resume_predict_export(workspace, tmp_path, configurati
     assert final['logging']['train_lds'][0] > 0 and final['logging']['train_fpc'][0] > 0
     assert final['logging']['train_lds_nonfinite'] == [0.0, 0.0]
     assert not any(k.startswith('heads.') for k in final['network_weights'])
+
+
+@pytest.mark.parametrize('attribute', ['name', 'state_key', 'heads_key'])
+def test_components_with_the_same_name_state_key_or_heads_key_are_refused(attribute):
+    from nnunetv2_semiseg.trainers.components import LossComponent
+    from nnunetv2_semiseg.trainers.composed import ComponentConflictError, check_components_compose
+    a, b = LossComponent(), LossComponent()
+    a.name, b.name = 'a', 'b'
+    setattr(a, attribute, 'same')
+    setattr(b, attribute, 'same')
+    with pytest.raises(ComponentConflictError, match=f"same {attribute} 'same'"):
+        check_components_compose([a, b], 'nnUNetTrainerX')
+    setattr(b, attribute, 'other')
+    check_components_compose([a, b], 'nnUNetTrainerX')
