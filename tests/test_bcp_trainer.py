@@ -1,5 +1,5 @@
 """nnUNetTrainerBCP: the wiring of both phases on tiny real networks (what the student sees, which rows and targets
-each term uses, gradients), the phase switch, resuming on both sides of it, region datasets refused, and end to
+each term uses, gradients), the phase switch, resuming on both sides of it, and end to
 end through the stock CLIs on the tiny synthetic dataset (CPU)."""
 import os
 from types import SimpleNamespace
@@ -17,7 +17,7 @@ from torch import nn
 
 from nnunetv2_semiseg.losses.copy_paste import downsample_like_targets, region_weighted_dc_ce
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
-from nnunetv2_semiseg.trainers.bcp import (RegionDatasetNotSupportedError, nnUNetTrainerBCP,
+from nnunetv2_semiseg.trainers.bcp import (nnUNetTrainerBCP,
                                            nnUNetTrainerBCP_noLCC, nnUNetTrainerBCP_noPretrain,
                                            nnUNetTrainerBCP_oneDirection)
 from nnunetv2_semiseg.trainers.bcp_components import (BCPTeacher, BidirectionalCopyPaste,
@@ -200,17 +200,6 @@ def test_phase_switch_initialises_the_teacher_once_at_the_configured_step():
             assert not torch.equal(after, before)
             assert torch.allclose(t.teacher.teacher.state_dict()[key], 0.99 * before + 0.01 * after, atol=1e-7)
     assert initialisations == [3]
-
-
-def test_region_datasets_are_refused_with_the_reason(monkeypatch):
-    import nnunetv2_semiseg.trainers.semi_supervised as base
-
-    def fake_init(self, *args, **kwargs):
-        self.label_manager = LabelManager({'background': 0, 'whole': [1, 2], 'core': [2]}, [1, 2])
-        self.plans_manager = SimpleNamespace(dataset_name='Dataset999_Regions')
-    monkeypatch.setattr(base.nnUNetTrainerSemiSupervised, '__init__', fake_init)
-    with pytest.raises(RegionDatasetNotSupportedError, match='Dataset999_Regions.*regions'):
-        nnUNetTrainerBCP({}, '3d_fullres', 0, {})
 
 
 # ----------------------------------------------------------------------------------------------------------------

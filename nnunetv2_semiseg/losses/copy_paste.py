@@ -60,8 +60,8 @@ def downsample_like_targets(full: torch.Tensor, scales: Optional[Sequence]) -> L
 
 def region_weighted_dc_ce(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Tuple[torch.Tensor, float]],
                           dice: Callable, weight_dice: float = 1.0, weight_ce: float = 1.0,
-                          ignore_label: Optional[int] = None) -> torch.Tensor:
-    """Region-weighted Dice + CE of one output level (softmax outputs)::
+                          ignore_label: Optional[int] = None, sigmoid_regions: bool = False) -> torch.Tensor:
+    """Region-weighted Dice + CE (softmax classes) or Dice + BCE (sigmoid regions) of one output level::
 
         L = sum_r w_r * ( weight_dice * DC(p, y; R_r) + weight_ce * sum_v R_r(v) CE_v / sum_v R_r(v) )
 
@@ -70,14 +70,32 @@ def region_weighted_dc_ce(logits: torch.Tensor, target: torch.Tensor, regions: S
     the sums run over R only), ``CE_v`` the per-voxel cross-entropy. Source: BCP ``mix_loss`` (Dice and CE each
     normalised by its own region, then weighted by ``l_weight = 1`` / ``u_weight = 0.5``); the Dice is nnU-Net's
     (``MemoryEfficientSoftDiceLoss``, no background, batch Dice from the plans) so that with one region of weight 1
-    covering the patch this is nnU-Net's DC+CE. Voxels carrying ``ignore_label`` belong to no region.
+    covering the patch this is nnU-Net's DC+CE.
+
+    Ignore label, softmax layout: ``target`` is a label map and voxels equal to ``ignore_label`` belong to no region.
+
+    ``sigmoid_regions=True`` (nnU-Net's region-based datasets): ``logits`` (b, K, *spatial) are K sigmoid region
+    channels and ``target`` (b, K, *spatial) their 0/1 maps, plus, when the dataset has an ignore label
+    (``ignore_label`` not None), nnU-Net's extra last channel that is 1 on ignored voxels (those belong to no
+    region). ``dice`` is then nnU-Net's sigmoid Dice (background channel kept, as in its DC_and_BCE_loss) and
+    ``CE_v = (1/K) sum_k BCE(z_v,k, y_v,k)``: the per-voxel binary cross-entropy averaged over the regions, so that
+    one region of weight 1 covering the patch gives nnU-Net's DC+BCE (its ``BCEWithLogitsLoss`` mean).
     """
-    if target.ndim == logits.ndim - 1:
-        target = target[:, None]
-    target = target.long()
-    valid = None if ignore_label is None else target != ignore_label
-    dice_target = target if valid is None else torch.where(valid, target, 0)
-    ce_voxels = F.cross_entropy(logits.float(), dice_target[:, 0], reduction='none')[:, None]
+    if sigmoid_regions:
+        target = target.float()
+        valid = None
+        if ignore_label is not None:
+            valid = target[:, -1:] < 0.5
+            target = target[:, :-1]
+        dice_target = target
+        ce_voxels = F.binary_cross_entropy_with_logits(logits.float(), target, reduction='none').mean(1, keepdim=True)
+    else:
+        if target.ndim == logits.ndim - 1:
+            target = target[:, None]
+        target = target.long()
+        valid = None if ignore_label is None else target != ignore_label
+        dice_target = target if valid is None else torch.where(valid, target, 0)
+        ce_voxels = F.cross_entropy(logits.float(), dice_target[:, 0], reduction='none')[:, None]
     total = logits.new_zeros((), dtype=torch.float32)
     for region, weight in regions:
         # expanded to every row, so that the CE normalisation counts the region's voxels in the whole batch

@@ -12,7 +12,8 @@ pre-training iterations, then 15,000 of self-training):
 M: 1 outside one box covering ``beta`` of every spatial dimension (0 inside). L_mix: nnU-Net's deep-supervised
 DC+CE with region-weighted, region-normalised Dice and CE (:func:`~nnunetv2_semiseg.losses.copy_paste.
 region_weighted_dc_ce`). p: pseudo-labels of the EMA teacher (decay 0.99, initialised from the student once, at
-the phase switch), largest connected component per class. Mixing happens on the patches the loaders deliver,
+the phase switch), largest connected component per class. Region-based datasets (sigmoid outputs): per-region
+pseudo-labels (p_k >= 0.5), largest component per region, nnU-Net's DC+BCE in place of DC+CE (docs/bcp.md). Mixing happens on the patches the loaders deliver,
 after nnU-Net's augmentation (docs/bcp.md says why). The student is what ``nnUNetv2_predict`` runs.
 
 Usage: ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerBCP`` (after
@@ -23,15 +24,11 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunetv2_semiseg.trainers.bcp_components import BCPTeacher, BidirectionalCopyPaste
 from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
-
-
-class RegionDatasetNotSupportedError(NotImplementedError):
-    pass
 
 
 class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
@@ -43,16 +40,6 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
     bidirectional = True                    # False: inward mixing only
     mask_seed = None                        # None: drawn from numpy (nnUNet_semiseg_seed makes it repeatable)
     loss_term_names = ('pretrain', 'inward', 'outward')
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions:
-            raise RegionDatasetNotSupportedError(
-                f'{type(self).__name__} does not support region-based (sigmoid) datasets: dataset.json of '
-                f'{self.plans_manager.dataset_name} defines regions ({self.label_manager.foreground_regions}), and '
-                f'copy-paste pseudo-labels and the region-weighted DC+CE are built for one label per voxel '
-                f'(softmax). Train it on a label map without "regions_class_order", or use another trainer.')
 
     def initialize(self):
         super().initialize()
@@ -68,12 +55,14 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
         ds_weights = None
         if isinstance(loss, DeepSupervisionWrapper):
             ds_weights, loss = loss.weight_factors, loss.loss
-        if not isinstance(loss, DC_and_CE_loss):
-            raise TypeError(f'{type(self).__name__} builds its region-weighted loss on nnU-Net\'s DC_and_CE_loss, '
-                            f'but _build_loss returned {type(loss).__name__}.')
+        expected = DC_and_BCE_loss if self.label_manager.has_regions else DC_and_CE_loss
+        if not isinstance(loss, expected):
+            raise TypeError(f'{type(self).__name__} builds its region-weighted loss on nnU-Net\'s '
+                            f'{expected.__name__}, but _build_loss returned {type(loss).__name__}.')
         return {'dice': loss.dc, 'weight_dice': loss.weight_dice, 'weight_ce': loss.weight_ce,
                 'ds_weights': ds_weights, 'ds_scales': self._get_deep_supervision_scales(),
-                'ignore_label': self.label_manager.ignore_label}
+                'ignore_label': self.label_manager.ignore_label,
+                'sigmoid_regions': self.label_manager.has_regions}
 
     # ------------------------------------------------------------------------------------------------------------
     # phases

@@ -49,6 +49,16 @@ class BoxMaskGenerator:
         self.seed = int(state['seed'])
 
 
+def keep_largest_component_per_region(maps: np.ndarray) -> np.ndarray:
+    """Region maps (K, *spatial) of 0/1 in which every region keeps only its largest connected component (same
+    connectivity as :func:`keep_largest_component_per_class`). Each region is filtered on its own map, as BCP
+    filters each class: nested regions (whole tumour / core / enhancing) are each one object."""
+    out = maps.copy()
+    for k in range(maps.shape[0]):
+        out[k] = keep_largest_component_per_class(maps[k], (1,))
+    return out
+
+
 def keep_largest_component_per_class(labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Label map (spatial) in which every voxel of class c outside c's largest connected component becomes
     background (0). Components connect through faces, edges and corners (skimage ``label``'s default, which BCP's
@@ -135,24 +145,41 @@ class BidirectionalCopyPaste(LossComponent):
                  bidirectional: bool = True, seed: Optional[int] = None):
         self.u_weight = float(u_weight)
         self.keep_largest_component = keep_largest_component
+        self.sigmoid_regions = False
         self.bidirectional = bidirectional
         self.masks = BoxMaskGenerator(beta, seed)
         self.use_loss_pieces(None)
 
     def use_loss_pieces(self, dice: Optional[Callable], weight_dice: float = 1.0, weight_ce: float = 1.0,
                         ds_weights: Optional[Sequence[float]] = None, ds_scales: Optional[Sequence] = None,
-                        ignore_label: Optional[int] = None) -> 'BidirectionalCopyPaste':
-        """The pieces of the trainer's DC+CE this loss is built on: nnU-Net's soft Dice module, the Dice and CE
-        weights, the deep-supervision level weights and scales, and the ignore label."""
+                        ignore_label: Optional[int] = None, sigmoid_regions: bool = False
+                        ) -> 'BidirectionalCopyPaste':
+        """The pieces of the trainer's DC+CE (or, for region datasets, DC+BCE: ``sigmoid_regions=True``) this loss
+        is built on: nnU-Net's soft Dice module, the Dice and CE weights, the deep-supervision level weights and
+        scales, and the ignore label."""
         self.dice, self.weight_dice, self.weight_ce = dice, float(weight_dice), float(weight_ce)
         self.ds_weights, self.ds_scales, self.ignore_label = ds_weights, ds_scales, ignore_label
+        self.sigmoid_regions = bool(sigmoid_regions)
         return self
 
     # --- pseudo-labels ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def pseudo_labels(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         """(b, 1, *spatial) long: foreground probability >= 0.5 for two classes, argmax otherwise; then, if
-        ``keep_largest_component``, only the largest connected component of each foreground class."""
+        ``keep_largest_component``, only the largest connected component of each foreground class.
+
+        Region datasets (``sigmoid_regions``): (b, K, *spatial) long, region k on where sigmoid(z_k) >= 0.5, then
+        only the largest connected component of each region; plus an all-zero last channel when the dataset has an
+        ignore label (nnU-Net's ignore channel: no pseudo-labelled voxel is ignored), so that pseudo-labels and
+        ground-truth targets have the same channels and can be mixed."""
+        if self.sigmoid_regions:
+            maps = (torch.sigmoid(teacher_logits.float()) >= 0.5).long()
+            if self.keep_largest_component:
+                maps = torch.from_numpy(np.stack([keep_largest_component_per_region(row)
+                                                  for row in maps.cpu().numpy()])).to(maps.device)
+            if self.ignore_label is not None:
+                maps = torch.cat((maps, torch.zeros_like(maps[:, :1])), 1)
+            return maps
         probabilities = torch.softmax(teacher_logits.float(), 1)
         num_classes = probabilities.shape[1]
         labels = (probabilities[:, 1] >= 0.5).long() if num_classes == 2 else probabilities.argmax(1)
@@ -202,7 +229,7 @@ class BidirectionalCopyPaste(LossComponent):
                 m = patches.mask_levels[k]
                 return region_weighted_dc_ce(outputs[k][rows], patches.target_levels[k][rows],
                                              [(m, weight_m), (1 - m, weight_box)], self.dice, self.weight_dice,
-                                             self.weight_ce, self.ignore_label)
+                                             self.weight_ce, self.ignore_label, self.sigmoid_regions)
             losses[name] = deep_supervised(level_loss, self.ds_weights)
         return losses
 
