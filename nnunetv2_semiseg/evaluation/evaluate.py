@@ -190,6 +190,13 @@ def read_segmentation(path: str) -> Tuple[np.ndarray, Tuple[float, ...]]:
     """Integer label array in SimpleITK's (z, y, x) order and the spacing in (x, y, z) order."""
     import SimpleITK as sitk
 
+    from nnunetv2_semiseg.utilities.safe_io import CorruptImageError, check_image_file
+
+    # SimpleITK fills the missing part of a truncated NIfTI with zeros, which would be scored as background.
+    try:
+        check_image_file(path)
+    except CorruptImageError as e:
+        raise EvaluationError(str(e)) from None
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as e:
@@ -362,6 +369,27 @@ def aggregate(per_case: Sequence[dict], keys: Sequence[str]) -> dict:
             "undefined_labels": undefined}
 
 
+def unknown_reference_warnings(per_case: Sequence[dict], known: set, source: str) -> List[str]:
+    """One warning per case whose reference holds values that are no label of the dataset (e.g. 0/255 masks)."""
+    warnings = []
+    for c in per_case:
+        unknown = sorted(set(c["reference_values"]) - known)
+        if unknown:
+            warnings.append(f"case {c['case']}: reference {c['reference_file']} contains value(s) {unknown} that "
+                            f"are not labels ({source}: {sorted(known)}); the scores of that case are meaningless. "
+                            f"Is it a mask saved as 0/255? Convert the references to the dataset's labels.")
+    return warnings
+
+
+def dataset_json_of_reference_folder(ref_folder: str) -> Optional[str]:
+    """``<raw dataset>/dataset.json`` when ``ref_folder`` is an nnU-Net raw dataset's labelsTr/labelsTs, else None."""
+    folder = os.path.abspath(ref_folder)
+    if os.path.basename(folder) not in ("labelsTr", "labelsTs"):
+        return None
+    candidate = os.path.join(os.path.dirname(folder), "dataset.json")
+    return candidate if os.path.isfile(candidate) else None
+
+
 def unknown_value_warnings(per_case: Sequence[dict], known: set, source: str) -> List[str]:
     """One warning per case whose prediction holds values that are no label (e.g. a mask saved as 0/255)."""
     warnings = []
@@ -423,6 +451,14 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
     if dataset_json is not None:
         items, names, dj_ending = read_dataset_json(dataset_json)
         file_ending = file_ending or dj_ending
+    else:
+        # Names only: the evaluated classes stay those found in the references (or -l), as without a dataset.json.
+        found_json = dataset_json_of_reference_folder(ref_folder)
+        if found_json is not None:
+            try:
+                names = read_dataset_json(found_json)[1]
+            except (EvaluationError, ValueError, OSError):
+                names = {}  # an unusable dataset.json only costs the names
     if labels is not None:
         items = parse_label_spec([labels] if isinstance(labels, (int, str, np.integer)) else labels)
     warnings: List[str] = []
@@ -449,10 +485,12 @@ def evaluate_folders(ref_folder: str, pred_folder: str, labels=None, lcc: bool =
     else:
         known = {0} | {v for c in per_case for v in c["reference_values"]} | {v for item in items for v in item}
         source = "values of the references and the evaluated labels"
+    if dataset_json is not None:
+        warnings += unknown_reference_warnings(per_case, known, source)
     warnings += unknown_value_warnings(per_case, known, source)
     if warnings and strict:
         raise EvaluationError("--strict: " + "\n  ".join(warnings)
-                              + "\nFix the predictions, or run without --strict to get the scores with warnings.")
+                              + "\nFix the predictions (or references), or run without --strict to get the scores with warnings.")
 
     results = {
         "reference_folder": os.path.abspath(ref_folder),
@@ -624,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluate only the predicted cases when some reference cases have no prediction")
     parser.add_argument("-np", type=int, default=1, help="number of worker processes (default 1)")
     parser.add_argument("--strict", action="store_true",
-                        help="fail (exit 2) instead of warning when a prediction holds values that are no label, or "
+                        help="fail (exit 2) instead of warning when a prediction (or, with -dj, a reference) holds values "
+                             "that are no label, or "
                              "when prediction and reference differ in origin or direction")
     return parser
 
