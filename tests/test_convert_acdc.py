@@ -9,8 +9,9 @@ import pytest
 import SimpleITK as sitk
 
 from dataset_conversion import acdc, common
+from nnunetv2_semiseg.utilities.real_data import real_data_folder
 
-REAL_ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc_h5_ssl4mis_subset"
+REAL_ACDC = Path(real_data_folder("ACDC"))
 TRAIN_P = common.load_packaged_list("acdc_train_patients.txt")
 VAL_P = common.load_packaged_list("acdc_val_patients.txt")
 TEST_P = common.load_packaged_list("acdc_test_patients.txt")
@@ -266,7 +267,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------------------
 # real data: SSL4MIS h5 subset (validation + test volumes only, so the lists are cut to the patients present)
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not REAL_ACDC.is_dir(), reason="real ACDC subset not available (../shared/data)")
+@pytest.mark.skipif(not REAL_ACDC.is_dir(), reason="real ACDC subset not available (set nnUNet_semiseg_ACDC_h5)")
 def test_real_acdc_subset(tmp_path):
     train, test = VAL_P[:3], TEST_P[:2]  # all present in the subset
     tr, te = write_list(tmp_path / "tr.txt", train), write_list(tmp_path / "te.txt", test)

@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from dataset_conversion import common, la
+from nnunetv2_semiseg.utilities.real_data import real_data_folder
 
-REAL_LA = Path(__file__).resolve().parents[2] / "shared" / "data" / "la_h5_uamt_subset"
+REAL_LA = Path(real_data_folder("LA"))
 UAMT_TRAIN = common.load_packaged_list("la_train.txt")
 UAMT_TEST = common.load_packaged_list("la_test.txt")
 SHAPE_XYZ = (16, 12, 8)
@@ -276,7 +277,7 @@ def _semiseg_preprocess_unlabeled_cmd():
                                   "sys.exit(main(sys.argv[1:]))"]
 
 
-@pytest.mark.skipif(not REAL_LA.is_dir(), reason="real LA subset not available (../shared/data)")
+@pytest.mark.skipif(not REAL_LA.is_dir(), reason="real LA subset not available (set nnUNet_semiseg_LA_h5)")
 def test_real_la_subset_through_nnunet(tmp_path, monkeypatch):
     pytest.importorskip("nnunetv2")
     raw, pre, res = tmp_path / "raw", tmp_path / "pre", tmp_path / "res"

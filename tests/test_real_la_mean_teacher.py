@@ -12,9 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_semiseg.demo.pipeline import nnunet_env, plan_and_preprocess_tiny, run_step, training_env
+from nnunetv2_semiseg.utilities.real_data import real_data_folder
 
-LA_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'la_h5_uamt_subset',
-                      '2018LA_Seg_Training Set')
+LA_DIR = os.path.join(real_data_folder('LA'), '2018LA_Seg_Training Set')
 LABELED = ['06SR5RBREL16DQ6M8LWS', '0RZDK210BSMWAA6467LU']
 UNLABELED = ['1D7CUD1955YZPGK8XHJX']
 CROP = (64, 64, 48)  # x, y, z voxels around the atrium centre
