@@ -31,15 +31,28 @@ SEMI_REFERENCE = 'nnUNetTrainerMeanTeacher'   # the classic semi-supervised base
 METHOD_ORDER = ['supervised_a', 'supervised_b', 'selftrain', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet']
 
 
+def run_key(draw: int, seed: str) -> str:
+    """The key of one run in the summary: the seed for label draw 0 (as before draws existed), 'draw<K>:<seed>'
+    otherwise. Paired statistics pair runs with the same key, so pairs are (draw, seed, test case)."""
+    return str(seed) if not draw else f'draw{draw}:{seed}'
+
+
+def run_order(key: str):
+    """Sort key of run keys: draw 0 first, then by draw, then by seed."""
+    draw, _, seed = key.rpartition(':')
+    return (int(draw[len('draw'):]) if draw else 0, int(seed))
+
+
 def collect(results_dir: str, base: str, default_seed: int) -> Dict:
-    """{'dice': {method: {seed: {case: v}}}, 'hd95': {...}, 'rows': {method: {seed: row}}, 'files': [...]}"""
-    pattern = re.compile(re.escape(base) + r'(?:_seed(\d+))?\.json$')
+    """{'dice': {method: {run: {case: v}}}, 'hd95': {...}, 'rows': {method: {run: row}}, 'files': [...]}; a run
+    is a seed of label draw 0 ('12345') or a (draw, seed) pair ('draw1:12345', files ``<base>_draw1[_seed<N>]``)."""
+    pattern = re.compile(re.escape(base) + r'(?:_draw(\d+))?(?:_seed(\d+))?\.json$')
     out = {'dice': {}, 'hd95': {}, 'rows': {}, 'files': []}
     for path in sorted(glob.glob(os.path.join(results_dir, base + '*.json'))):
         match = pattern.fullmatch(os.path.basename(path))
         if not match:
             continue
-        seed = match.group(1) or str(default_seed)
+        seed = run_key(int(match.group(1) or 0), match.group(2) or str(default_seed))
         with open(path) as f:
             results = json.load(f)
         out['files'].append(os.path.relpath(path, REPO))
@@ -96,7 +109,7 @@ def render_markdown(data: Dict, comps: Dict, title: str, description: str, figur
              'points [95 % CI] | better than supervised_a | gap closed [95 % CI] |',
              '|---|---|---|---|---|---|---|']
     for method in ordered_methods(dice):
-        seeds = sorted(dice[method], key=int)
+        seeds = sorted(dice[method], key=run_order)
         d_sum = ps.summarise_over_seeds(dice[method])
         h_sum = ps.summarise_over_seeds(hd95[method]) if method in hd95 else None
         c = comps.get(method, {}).get('vs_a')
@@ -142,7 +155,7 @@ def draw_figure(data: Dict, comps: Dict, path: str, title: str):
     import matplotlib.pyplot as plt
     dice = data['dice']
     methods = ordered_methods(dice)
-    seeds = sorted({s for m in methods for s in dice[m]}, key=int)
+    seeds = sorted({s for m in methods for s in dice[m]}, key=run_order)
     colours = {s: plt.cm.tab10(i % 10) for i, s in enumerate(seeds)}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={'width_ratios': [1.3, 1.1, 0.9]})
 

@@ -1,0 +1,113 @@
+"""The shared accuracy-benchmark runner (benchmarks/accuracy_common.py) and its two datasets: label draws, the
+pairing of runs by (draw, seed, case), the label resampling of the data path, and a smoke run of the ACDC
+benchmark on real ACDC volumes through the stock CLIs (``benchmarks/accuracy.py --dataset acdc --smoke``)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, 'benchmarks')
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import accuracy_common  # noqa: E402
+import accuracy_report  # noqa: E402
+import paired_stats as ps  # noqa: E402
+from nnunetv2_semiseg.utilities.real_data import real_data_folder  # noqa: E402
+
+ACDC = real_data_folder('ACDC')
+
+
+def test_label_draws_are_disjoint_consecutive_blocks_of_the_training_list():
+    train = [f'c{i}' for i in range(1, 8)]
+    assert accuracy_common.draw_labeled(train, 2, 0) == ['c1', 'c2']   # today's first cases
+    assert accuracy_common.draw_labeled(train, 2, 1) == ['c3', 'c4']
+    assert accuracy_common.draw_labeled(train, 2, 2) == ['c5', 'c6']
+    with pytest.raises(ValueError, match='draw below 3'):
+        accuracy_common.draw_labeled(train, 2, 3)                      # c7, c8: no unlabeled case would remain
+    assert accuracy_common.draw_labeled(train, 3, 1) == ['c4', 'c5', 'c6']
+
+
+def _write(path, per_case):
+    rows = {m: {'per_case_dice': v, 'per_case_hd95_voxel': {c: 1.0 for c in v}} for m, v in per_case.items()}
+    path.write_text(json.dumps({'methods': rows}))
+
+
+def test_runs_pair_by_draw_seed_and_case(tmp_path):
+    """Draw 0 keeps its seed keys; another draw's file is its own run; a comparison pairs equal (run, case)."""
+    base = 'accuracy_x_labeled2_it300'
+    _write(tmp_path / f'{base}.json', {'supervised_a': {'t1': 0.5, 't2': 0.6}, 'M': {'t1': 0.7, 't2': 0.6}})
+    _write(tmp_path / f'{base}_seed2.json', {'supervised_a': {'t1': 0.4, 't2': 0.4}, 'M': {'t1': 0.5, 't2': 0.5}})
+    _write(tmp_path / f'{base}_draw1.json', {'supervised_a': {'t1': 0.8, 't2': 0.8}, 'M': {'t1': 0.7, 't2': 0.6}})
+    _write(tmp_path / f'{base}_draw1_seed2.json', {'supervised_a': {'t1': 0.9, 't2': 0.9}})  # M lacks this run
+    data = accuracy_report.collect(str(tmp_path), base, 12345)
+    assert sorted(data['dice']['supervised_a'], key=accuracy_report.run_order) == ['2', '12345', 'draw1:2',
+                                                                                 'draw1:12345']
+    assert set(data['dice']['M']) == {'12345', '2', 'draw1:12345'}
+    c = ps.compare(data['dice']['M'], data['dice']['supervised_a'], replicates=200)
+    # shared runs 12345, 2, draw1:12345; differences (0.2, 0.0), (0.1, 0.1), (-0.1, -0.2): mean -> 0.1/6
+    assert c.pairs == 6 and c.difference == pytest.approx(0.1 / 6)
+    assert c.wins == 3
+
+
+def _label_image(array_zyx, spacing_xyz):
+    import SimpleITK as sitk
+    img = sitk.GetImageFromArray(array_zyx.astype(np.uint8))
+    img.SetSpacing(spacing_xyz)
+    return img
+
+
+def test_resampled_labels_take_the_class_with_the_largest_interpolated_mask(tmp_path):
+    """In-plane factor 2 on an h5-like grid (1, 1, 10): each new voxel centre sits in the middle of a 2 x 2 block,
+    so its mask values are the block's class fractions; the largest wins, ties go to the higher class; the slice
+    axis is untouched."""
+    import SimpleITK as sitk
+    plane = np.array([[1, 1, 0, 0],
+                      [2, 2, 0, 3],
+                      [3, 3, 1, 2],
+                      [3, 0, 3, 0]])
+    src, dst = str(tmp_path / 'l.nii.gz'), str(tmp_path / 'r.nii.gz')
+    sitk.WriteImage(_label_image(np.stack([plane, plane[::-1]]), (1.0, 1.0, 10.0)), src)
+    accuracy_common.resample_file(src, dst, True, (2.0, 2.0, None), num_classes=4)
+    out = sitk.ReadImage(dst)
+    assert out.GetSpacing() == (2.0, 2.0, 10.0) and out.GetSize() == (2, 2, 2)
+    got = sitk.GetArrayFromImage(out)
+    # blocks of slice 0: [1,1,2,2] tie 1/2 -> 2; [0,0,0,3] -> 0; [3,3,3,0] -> 3; [1,2,3,0] four-way tie -> 3
+    assert got[0].tolist() == [[2, 0], [3, 3]]
+    # slice 1 is slice 0 upside down: blocks [3,0,3,3] -> 3; [3,0,1,2] tie -> 3; [2,2,1,1] -> 2; [0,3,0,0] -> 0
+    assert got[1].tolist() == [[3, 3], [2, 0]]
+    # binary labels: mask >= 0.5 (the LA data path), a half-covered block is foreground
+    plane2 = (plane >= 2).astype(np.uint8)   # blocks [0,0,1,1] [0,0,0,1] [1,1,1,0] [0,1,1,0]
+    sitk.WriteImage(_label_image(np.stack([plane2, plane2]), (1.0, 1.0, 10.0)), src)
+    accuracy_common.resample_file(src, dst, True, (2.0, 2.0, None), num_classes=2)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(dst))[0].tolist() == [[1, 0], [1, 1]]
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ACDC, 'data')),
+                    reason='real ACDC h5 data not found (set nnUNet_semiseg_ACDC_h5)')
+def test_acdc_smoke_run_scores_per_volume_and_class(tmp_path):
+    """The ACDC path end to end on real volumes: convert (h5) + in-plane resampling, stock 2d planning,
+    nnUNetv2_train / nnUNetv2_predict, per-class scoring of every test volume, the table with per-class Dice."""
+    work = tmp_path / 'work'
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, 'accuracy.py'), '--dataset', 'acdc', '--smoke',
+                           '--method', 'supervised_a', '--work', str(work)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    results = json.loads((work / 'results' / 'accuracy_acdc_smoke.json').read_text())
+    row = results['methods']['supervised_a']
+    assert results['settings']['configuration'] == '2d' and results['settings']['inplane_factor'] == 4
+    # the first test patient of the SSL4MIS list, both frames (ED, ES)
+    assert row['test_cases'] == ['patient011_frame01', 'patient011_frame02']
+    assert set(row['per_class']) == {'RV', 'MYO', 'LV'}
+    for case, per_class in row['per_case_class_dice'].items():   # per volume: the mean over the three classes
+        assert row['per_case_dice'][case] == pytest.approx(np.mean(list(per_class.values())))
+    assert row['metrics']['dice'] == pytest.approx(np.mean([row['per_class'][k]['dice'] for k in row['per_class']]))
+    plans = json.loads(next((work / 'nnUNet_preprocessed').glob('Dataset988_*/nnUNetPlans.json')).read_text())
+    assert '2d' in plans['configurations']
+    text = (work / 'benchmarks_smoke.md').read_text()
+    assert '| Dice % RV / MYO / LV |' in text and '<!-- accuracy_acdc:cpu:smoke:begin -->' in text
