@@ -21,7 +21,9 @@ from nnunetv2_semiseg.trainers.dualstream import (nnUNetTrainerDualStream,  # no
                                                   nnUNetTrainerDualStream_noUncertainty,
                                                   nnUNetTrainerDualStream_releasedCode,
                                                   nnUNetTrainerDualStream_resEncM)
-from nnunetv2_semiseg.trainers.study_variants import (nnUNetTrainerMeanTeacher_consistency1,  # noqa: F401
+from nnunetv2_semiseg.trainers.study_variants import (nnUNetTrainerBCP_pretrain25,  # noqa: F401
+                                                      nnUNetTrainerBCP_pretrain50,
+                                                      nnUNetTrainerMeanTeacher_consistency1,
                                                       nnUNetTrainerMeanTeacher_ramp10,
                                                       nnUNetTrainerSSNet_unsupervised01)
 from nnunetv2_semiseg.trainers.bcp import (nnUNetTrainerBCP, nnUNetTrainerBCP_noLCC,  # noqa: F401
