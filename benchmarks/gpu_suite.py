@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""The package's validation and measurement on a CUDA GPU, in one command (or two parts of under 9 minutes each).
+"""The package's validation and measurement on a CUDA GPU, in one command (or three parts of under 9 minutes each).
 
     python benchmarks/gpu_suite.py --device cuda                 # both parts
     python benchmarks/gpu_suite.py --device cuda --part 1        # (a) + (b): end to end with AMP, iteration cost
     python benchmarks/gpu_suite.py --device cuda --part 2        # (c) + (d): accuracy table, weight study
+    python benchmarks/gpu_suite.py --device cuda --part 3        # (e): the ACDC accuracy table
     python benchmarks/gpu_suite.py --device cpu --smoke          # every step on a CPU, tiny (the test)
 
 Steps, in order of priority:
@@ -18,7 +19,10 @@ Steps, in order of priority:
     test Dice after 300, 500 and 700 iterations as a learning curve)
     for as many methods and seeds as the time budget allows, in ``ACCURACY_PLAN`` order;
 (d) the weight study (``STUDY_PLAN``: Mean Teacher's consistency weight and ramp, SS-Net's unsupervised weight) on
-    the 300-iteration schedule, two seeds, if time is left.
+    the 300-iteration schedule, two seeds, if time is left;
+(e) the ACDC accuracy protocol (``accuracy.py --dataset acdc``: 3 labeled patients, 40 test volumes, ``2d``) on
+    1000 iterations (50 x 20), two seeds, for as many of ``ACDC_METHODS`` as the part's budget allows (not run by
+    ``--smoke``: the ACDC path has its own smoke test).
 
 Every step records what it ran, how long it took and whether it passed into ``benchmarks/results/gpu_suite_<device>.json``
 and the section ``gpu_suite:<device>`` of ``docs/benchmarks.md`` (the GPU model is named there). With ``--smoke``
@@ -65,6 +69,9 @@ RELATIVE_COST = {'supervised_a': 1.0, 'supervised_b': 1.0, 'selftrain': 1.3, 'nn
                  'nnUNetTrainerSSNetFLPM': 5.0}
 STUDY_TRAINERS = ['nnUNetTrainerMeanTeacher_consistency1', 'nnUNetTrainerMeanTeacher_ramp10',
                   'nnUNetTrainerSSNet_unsupervised01']
+ACDC_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerBCP', 'nnUNetTrainerMeanTeacher', 'selftrain',
+                'nnUNetTrainerFLPM', 'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerDualStream', 'nnUNetTrainerSSNet',
+                'nnUNetTrainerSSNet_ACDC']
 PART_BUDGET_MIN = 8.5
 
 
@@ -201,7 +208,8 @@ class Suite:
         self.save()
 
     # ---------------------------------------------------------------------------------------------------- (c), (d)
-    def accuracy_runs(self, key: str, methods: List[str], seeds: List[int], schedule: List[str]) -> None:
+    def accuracy_runs(self, key: str, methods: List[str], seeds: List[int], schedule: List[str],
+                      dataset: str = 'la') -> None:
         a = self.args
         step = self.record['steps'].setdefault(key, {'runs': [], 'skipped': []})
         step['schedule'] = 'smoke (1 epoch x 2 iterations)' if a.smoke else ' '.join(schedule)
@@ -214,8 +222,9 @@ class Suite:
                     log(f'{key}: {method} seed {seed} skipped (estimated {estimate:.1f} min, '
                         f'{self.minutes_left():.1f} left)')
                     continue
-                command = [sys.executable, os.path.join(HERE, 'accuracy_la.py'), '--device', a.device, '--method',
-                           method, '--work', os.path.join(a.work, f'accuracy_seed{seed}')]
+                work = f'accuracy_seed{seed}' if dataset == 'la' else f'accuracy_{dataset}_seed{seed}'
+                command = [sys.executable, os.path.join(HERE, 'accuracy.py'), '--dataset', dataset, '--device',
+                           a.device, '--method', method, '--work', os.path.join(a.work, work)]
                 command += ['--smoke'] if a.smoke else (schedule + ['--seed', str(seed)])
                 t = time.time()
                 proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8',
@@ -264,7 +273,8 @@ class Suite:
             else:
                 lines.append('Iteration cost: FAILED (see JSON).')
             lines.append('')
-        for key, label in (('accuracy', 'Accuracy runs'), ('study', 'Weight study')):
+        for key, label in (('accuracy', 'Accuracy runs'), ('study', 'Weight study'),
+                           ('accuracy_acdc', 'ACDC accuracy runs')):
             if key in steps:
                 runs = steps[key]['runs']
                 lines.append(f'{label} ({steps[key].get("schedule", "")}): ' + (', '.join(f'{x["method"]} seed {x["seed"]} '
@@ -280,8 +290,8 @@ class Suite:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
-    p.add_argument('--part', choices=('all', '1', '2'), default='all',
-                   help='1: end to end + iteration cost; 2: accuracy + weight study; all: both')
+    p.add_argument('--part', choices=('all', '1', '2', '3'), default='all',
+                   help='1: end to end + iteration cost; 2: LA accuracy + weight study; 3: ACDC accuracy; all: all three')
     p.add_argument('--smoke', action='store_true', help='every step, tiny (for a CPU test)')
     p.add_argument('--budget-minutes', dest='budget_minutes', type=float, default=None,
                    help=f'time budget; steps that would not fit are skipped and listed (default {PART_BUDGET_MIN} '
@@ -312,7 +322,7 @@ def main(argv=None) -> int:
     if args.markdown is None:
         args.markdown = os.path.join(args.work, 'benchmarks_smoke.md') if args.smoke else \
             os.path.join(REPO, 'docs', 'benchmarks.md')
-    parts = ['1', '2'] if args.part == 'all' else [args.part]
+    parts = ['1', '2', '3'] if args.part == 'all' else [args.part]
     if args.budget_minutes is None:
         args.budget_minutes = PART_BUDGET_MIN * len(parts) if not args.smoke else 60.0
     suite = Suite(args)
@@ -328,6 +338,8 @@ def main(argv=None) -> int:
         if not args.smoke:
             suite.accuracy_runs('study', ['supervised_a'] + STUDY_TRAINERS, ACCURACY_SEEDS,
                                 SHORT_SCHEDULE)
+    if '3' in parts and not args.smoke:
+        suite.accuracy_runs('accuracy_acdc', ACDC_METHODS, ACCURACY_SEEDS, LONG_SCHEDULE[:6], 'acdc')
     suite.save()
     failed = [x for s in suite.record['steps'].values() for x in s.get('runs', []) if not x['ok']] + \
         [k for k, s in suite.record['steps'].items() if 'ok' in s and not s['ok']]
