@@ -79,3 +79,28 @@ def describe_non_finite_weights(bad: List[str], total: int) -> str:
     shown = ', '.join(bad[:3]) + (', ...' if len(bad) > 3 else '')
     return f'{len(bad)} of {total} weight tensors are non-finite ({shown})'
 
+
+
+ALLOW_CROSS_TRAINER_RESUME_ENV = 'nnUNet_semiseg_allow_cross_trainer_resume'
+
+
+class CrossTrainerResumeError(RuntimeError):
+    """``--c`` found a checkpoint written by another semi-supervised trainer."""
+
+
+def check_resume_trainer(checkpoint: dict, trainer_name: str, source: str = 'the checkpoint') -> None:
+    """Refuse to continue another semi-supervised trainer's checkpoint (its extra state means something else).
+
+    Checkpoints without our ``semiseg`` state (plain nnU-Net trainers) stay allowed: they are the usual warm start.
+    ``nnUNet_semiseg_allow_cross_trainer_resume=1`` accepts a mismatch on purpose.
+    """
+    saved = checkpoint.get('trainer_name')
+    if checkpoint.get('semiseg') is None or saved is None or saved == trainer_name:
+        return
+    if os.environ.get(ALLOW_CROSS_TRAINER_RESUME_ENV, '') == '1':
+        return
+    raise CrossTrainerResumeError(
+        f'{source} was written by {saved}, not by {trainer_name}: continuing it (--c) would reinterpret '
+        f'{saved}\'s state as {trainer_name}\'s and re-save it under the wrong name. Train {trainer_name} in its own '
+        f'output folder (without --c), continue with -tr {saved}, or set {ALLOW_CROSS_TRAINER_RESUME_ENV}=1 if you '
+        f'really want to continue this checkpoint with {trainer_name}.')

@@ -33,8 +33,8 @@ from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describ
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
-from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, describe_non_finite_weights,
-                                                  non_finite_tensors)
+from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resume_trainer,
+                                                  describe_non_finite_weights, non_finite_tensors)
 from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
                                                 save_snapshot_if_requested)
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
@@ -375,6 +375,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 'checkpoint_latest.pth, else checkpoint_best.pth); or train the fold from scratch without --c.')
         else:
             checkpoint = filename_or_checkpoint
+        check_resume_trainer(checkpoint, type(self).__name__,
+                             filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint')
         network = self.unwrapped_network
         own_keys = set(network.state_dict().keys())
         weights = {}
