@@ -192,11 +192,45 @@ def _axis_code(direction, dimension: int) -> str:
 SPACING_FACTOR = 2.0
 
 
+def count_non_finite_voxels(path: str) -> Optional[tuple]:
+    """(NaN count, +-Inf count, total voxels) of an image file; None for integer pixel types (always finite)."""
+    import numpy as np
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    if 'float' not in sitk.GetPixelIDValueAsString(reader.GetPixelID()):
+        return None
+    image = reader.Execute()  # kept referenced: the array view below borrows its buffer
+    voxels = sitk.GetArrayViewFromImage(image)
+    nan = int(np.count_nonzero(np.isnan(voxels)))
+    inf = int(np.count_nonzero(np.isinf(voxels)))
+    return nan, inf, int(voxels.size)
+
+
+def check_finite_voxels(case_id: str, path: str, error=None) -> None:
+    """NaN / Inf voxels (kept by .mha / .nrrd readers; NIfTI readers turn NaN into 0) would make the normalised
+    case all-NaN and the training loss NaN: refuse the file, naming the case and the counts."""
+    error = error or UnlabeledPreprocessingError
+    try:
+        counts = count_non_finite_voxels(path)
+    except RuntimeError:
+        return  # unreadable: reported by name by the reader checks
+    if counts is None or counts[0] + counts[1] == 0:
+        return
+    nan, inf, total = counts
+    raise error(
+        f"Unlabeled case '{case_id}': {path} holds {nan + inf} non-finite voxel(s) of {total} ({nan} NaN, {inf} "
+        f"Inf). Normalisation would turn the whole case into NaN and training would diverge. Replace them in the "
+        f"source image (e.g. with the background value) or remove the case from {UNLABELED_RAW_FOLDER}/.")
+
+
 def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str, dataset_json: dict,
                            error=None) -> List[str]:
     """File-level checks of every unlabeled image before any is used. Returns warnings (naming the case).
 
-    Errors: a truncated or corrupt NIfTI file (SimpleITK would fill the missing part with zeros) and an image
+    Errors: a truncated or corrupt NIfTI file (SimpleITK would fill the missing part with zeros), NaN / Inf
+    voxels, and an image
     whose dimensionality differs from the labeled images' (a 2D image in a 3D dataset becomes a volume of 999 mm
     slices). Warnings, as nnU-Net's ``--verify_dataset_integrity`` compares geometry: a spacing far from the
     labeled cases' and an orientation that no labeled case has.
@@ -209,6 +243,9 @@ def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str,
                 check_image_file(path)
             except CorruptImageError as e:
                 raise error(f"Unlabeled case '{case_id}': {e} Or remove it from {UNLABELED_RAW_FOLDER}/.") from None
+    for case_id, files in cases.items():
+        for path in files:
+            check_finite_voxels(case_id, path, error)
     reference = []
     for path in _first_channel_labeled_images(raw_dataset_folder, dataset_json):
         try:

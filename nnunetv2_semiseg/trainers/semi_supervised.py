@@ -33,6 +33,8 @@ from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describ
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resume_trainer,
+                                                  describe_non_finite_weights, non_finite_tensors)
 from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
                                                 save_snapshot_if_requested)
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
@@ -77,6 +79,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: Optional[int] = None
         self.global_iteration = 0  # optimizer steps done; the ramp-ups read it
+        self.non_finite_guard = NonFiniteLossGuard(trainer_name=type(self).__name__)
         self.unlabeled_folder = os.path.join(self.preprocessed_dataset_folder_base,
                                              unlabeled_folder_name(self.configuration_manager.data_identifier))
         for key in self.term_log_keys():
@@ -260,8 +263,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         missing = [t for t in self.loss_term_names if t not in terms]
         if missing:
             raise KeyError(f'{type(self).__name__}.compute_loss_terms did not return the term(s) {missing}')
-        return {'loss': loss.detach().cpu().numpy(),
-                **{t: terms[t].detach().float().cpu().numpy() for t in self.loss_term_names}}
+        logged = {'loss': loss.detach().cpu().numpy(),
+                  **{t: terms[t].detach().float().cpu().numpy() for t in self.loss_term_names}}
+        self.non_finite_guard.check_step(logged, self.current_epoch, uses_amp=self.grad_scaler is not None)
+        return logged
 
     # ----------------------------------------------------------------------------------------------------------
     # train/eval switching of extra modules
@@ -335,8 +340,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file('No checkpoint written, checkpointing is disabled')
             return
+        weights = self.unwrapped_network.state_dict()
+        bad = non_finite_tensors(weights)
+        if bad:  # a diverged network must not replace a good checkpoint
+            self.print_to_log_file(f'No checkpoint written to {filename}: '
+                                   f'{describe_non_finite_weights(bad, len(weights))}.')
+            return
         checkpoint = {
-            'network_weights': self.unwrapped_network.state_dict(),
+            'network_weights': weights,
             'optimizer_state': self.optimizer.state_dict(),
             'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             'logging': self.logger.get_checkpoint(),
@@ -364,6 +375,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 'checkpoint_latest.pth, else checkpoint_best.pth); or train the fold from scratch without --c.')
         else:
             checkpoint = filename_or_checkpoint
+        check_resume_trainer(checkpoint, type(self).__name__,
+                             filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint')
         network = self.unwrapped_network
         own_keys = set(network.state_dict().keys())
         weights = {}
