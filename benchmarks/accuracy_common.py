@@ -81,6 +81,8 @@ class DatasetSpec:
     summary_title: Callable[[Dict], str]
     summary_description: Callable[[object, Dict], str]
     extra_sections: Callable[[object, Dict], None] = field(default=lambda args, results: None)
+    # (args, ids, arm) after planning a dataset, before preprocessing; e.g. ACDC's upper bound takes (a)'s batch
+    adjust_plans: Callable[[object, Dict, str], None] = field(default=lambda args, ids, arm: None)
     unit: str = 'case'              # what a test case is called in the tables ('case', 'volume')
 
 
@@ -240,19 +242,30 @@ def resample_dataset(converted: str, final: str, params: Dict, spacing_xyz: Sequ
     return final
 
 
-def plan_and_preprocess(args, dataset_id: int, with_unlabeled: bool) -> None:
+def plans_file(args, dataset_id: int) -> str:
+    env = nnunet_env(args.work)
+    return os.path.join(env['nnUNet_preprocessed'], dataset_name(dataset_id, env['nnUNet_raw']), f'{PLANS}.json')
+
+
+def plan_and_preprocess(args, dataset_id: int, with_unlabeled: bool, ids: Optional[Dict] = None,
+                        arm: Optional[str] = None) -> None:
     env = nnunet_env(args.work)
     env.pop('nnUNet_n_proc_DA', None)  # nnU-Net 2.8.1's planner crashes with 0
     name = dataset_name(dataset_id, env['nnUNet_raw'])
     marker = os.path.join(env['nnUNet_preprocessed'], name, 'benchmark_prep_done')
     if os.path.isfile(marker):
         log(args, f'{name} already planned and preprocessed, reused')
+        if arm is not None:
+            args.spec.adjust_plans(args, ids, arm)  # records what was adjusted when it was built
         return
     log(args, f'planning and preprocessing {name}')
     logf = os.path.join(args.work, 'logs', 'prepare.log')
     configuration = args.spec.configuration
     run_step(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration, '-npfp', '1', '-np', '1',
-              '--verify_dataset_integrity'], env, logf)
+              '--verify_dataset_integrity', '--no_pp'], env, logf)
+    if arm is not None:
+        args.spec.adjust_plans(args, ids, arm)  # the batch size does not change preprocessing: adjust in between
+    run_step(['nnUNetv2_preprocess', '-d', str(dataset_id), '-c', configuration, '-np', '1'], env, logf)
     if with_unlabeled:
         run_step(['nnUNetv2_semiseg_preprocess_unlabeled', '-d', str(dataset_id), '-c', configuration, '-np', '1'],
                  env, logf)
@@ -678,10 +691,10 @@ def main(spec: DatasetSpec, description: str, argv=None, extra: Optional[Dict] =
     ids = {'a': spec.dataset_ids[('a', budget, draw)], 'self': spec.dataset_ids[('self', budget, draw)],
            'b': spec.dataset_ids[('b', None, 0)]}
     raw = {'a': spec.prepare_raw(args, ids['a'], spec.raw_name(args, 'a'), args.labeled_ids, train_ids, test_ids)}
-    plan_and_preprocess(args, ids['a'], with_unlabeled=True)
+    plan_and_preprocess(args, ids['a'], with_unlabeled=True, ids=ids, arm='a')
     if 'supervised_b' in methods:
         raw['b'] = spec.prepare_raw(args, ids['b'], spec.raw_name(args, 'b'), train_ids, train_ids, test_ids)
-        plan_and_preprocess(args, ids['b'], with_unlabeled=False)
+        plan_and_preprocess(args, ids['b'], with_unlabeled=False, ids=ids, arm='b')
     for method in methods:
         log(args, f'=== {method} ===')
         merge_row(args, results, run_method(args, method, ids, raw, results))

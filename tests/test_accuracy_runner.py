@@ -111,3 +111,26 @@ def test_acdc_smoke_run_scores_per_volume_and_class(tmp_path):
     assert '2d' in plans['configurations']
     text = (work / 'benchmarks_smoke.md').read_text()
     assert '| Dice % RV / MYO / LV |' in text and '<!-- accuracy_acdc:cpu:smoke:begin -->' in text
+
+
+def test_acdc_upper_bound_trains_with_the_labeled_sets_batch(tmp_path):
+    """nnU-Net plans the 50-patient set with a far larger 2d batch than the 3-patient set (its batch is capped at 5 %
+    of the dataset's voxels): the upper bound takes (a)'s batch, and the planned value is kept on record."""
+    import argparse
+    import accuracy_acdc
+    for dataset_id, name, batch in ((981, 'ACDCx2_L3', 3), (984, 'ACDCx2_L50', 43)):
+        os.makedirs(tmp_path / 'nnUNet_raw' / f'Dataset{dataset_id}_{name}')
+        pre = tmp_path / 'nnUNet_preprocessed' / f'Dataset{dataset_id}_{name}'
+        os.makedirs(pre)
+        (pre / 'nnUNetPlans.json').write_text(json.dumps(
+            {'configurations': {'2d': {'batch_size': batch, 'patch_size': [128, 112]}}}))
+    args = argparse.Namespace(work=str(tmp_path), spec=accuracy_acdc.ACDC, extra_settings={})
+    ids = {'a': 981, 'b': 984}
+    accuracy_acdc.upper_bound_with_the_labeled_batch(args, ids, 'a')   # (a) is left as planned
+    plans_b = tmp_path / 'nnUNet_preprocessed' / 'Dataset984_ACDCx2_L50' / 'nnUNetPlans.json'
+    assert json.loads(plans_b.read_text())['configurations']['2d']['batch_size'] == 43
+    for _ in range(2):  # a reused dataset keeps (and reports) what was changed when it was built
+        accuracy_acdc.upper_bound_with_the_labeled_batch(args, ids, 'b')
+        plans = json.loads(plans_b.read_text())['configurations']['2d']
+        assert plans == {'batch_size': 3, 'patch_size': [128, 112]}
+        assert args.extra_settings['upper_bound_batch'] == {'planned': 43, 'used': 3}
