@@ -43,6 +43,22 @@ def run_order(key: str):
     return (int(draw[len('draw'):]) if draw else 0, int(seed))
 
 
+def draw_of(key: str) -> int:
+    """The label draw of a run key ('12345' -> 0, 'draw1:12345' -> 1)."""
+    draw, _, _ = key.rpartition(':')
+    return int(draw[len('draw'):]) if draw else 0
+
+
+def runs_of_draws(scores: Dict[str, Dict[str, Dict]], draws) -> Dict[str, Dict[str, Dict]]:
+    """``{method: {run: ...}}`` restricted to the runs of the given label draws (methods without such runs dropped)."""
+    out = {}
+    for method, runs in scores.items():
+        kept = {k: v for k, v in runs.items() if draw_of(k) in draws}
+        if kept:
+            out[method] = kept
+    return out
+
+
 def collect(results_dir: str, base: str, default_seed: int) -> Dict:
     """{'dice': {method: {run: {case: v}}}, 'hd95': {...}, 'rows': {method: {run: row}}, 'files': [...]}; a run
     is a seed of label draw 0 ('12345') or a (draw, seed) pair ('draw1:12345', files ``<base>_draw1[_seed<N>]``)."""
@@ -102,7 +118,64 @@ def _pm(summary: ps.SeedSummary, scale=100.0, digits=1) -> str:
     return f'{summary.mean * scale:.{digits}f}{sd}'
 
 
-def render_markdown(data: Dict, comps: Dict, title: str, description: str, figure_rel: Optional[str]) -> str:
+def draw0(data: Dict) -> Dict:
+    """The data of label draw 0 only: the main table's protocol (the train list's first labeled cases)."""
+    return {'dice': runs_of_draws(data['dice'], {0}), 'hd95': runs_of_draws(data['hd95'], {0}),
+            'rows': runs_of_draws(data['rows'], {0}), 'files': data['files']}
+
+
+def draw_table(data: Dict, replicates: int = ps.DEFAULT_REPLICATES) -> List[str]:
+    """Markdown lines of the across-draws table: for every method with runs on a label draw other than 0, per draw
+    the method's and supervised_a's mean Dice and their paired difference (interval over that draw's cases and
+    seeds), then the difference over every (draw, seed, case) pair, whose bootstrap resamples the runs (draws and
+    seeds) as well as the cases. Empty when no run has another draw."""
+    dice = data['dice']
+    draws = sorted({draw_of(k) for runs in dice.values() for k in runs})
+    if draws == [0] or BASELINE not in dice:
+        return []
+    methods = [m for m in ordered_methods(dice) if m != BASELINE and any(draw_of(k) for k in dice[m])]
+    if not methods:
+        return []
+    lines = ['**Across label draws** (draw K = the K-th block of consecutive training-list entries as the labeled '
+             'cases, the rest unlabeled, the same test cases):', '',
+             '| method | ' + ' | '.join(f'draw {d}: Dice % method / supervised_a, difference [95 % CI]'
+                                       for d in draws) + ' | draws better | all draws: difference [95 % CI], pairs |',
+             '|---|' + '---|' * len(draws) + '---|---|']
+    base_means = {}
+    for d in draws:
+        runs = {k: v for k, v in dice[BASELINE].items() if draw_of(k) == d}
+        base_means[d] = ps.summarise_over_seeds(runs).mean if runs else float('nan')
+    for method in methods:
+        cells, better, measured = [], 0, 0
+        for d in draws:
+            mine = {k: v for k, v in dice[method].items() if draw_of(k) == d}
+            ref = {k: v for k, v in dice[BASELINE].items() if draw_of(k) == d}
+            try:
+                c = ps.compare(mine, ref, replicates=replicates)
+            except ValueError:
+                cells.append('-')
+                continue
+            measured += 1
+            better += c.difference > 0
+            low, high = c.difference_ci
+            cells.append(f'{ps.summarise_over_seeds(mine).mean * 100:.1f} / {base_means[d] * 100:.1f}, '
+                         f'{c.difference * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}]')
+        try:
+            c = ps.compare(dice[method], dice[BASELINE], replicates=replicates)
+            low, high = c.difference_ci
+            overall = f'{c.difference * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}], {c.pairs}'
+        except ValueError:
+            overall = 'n/a'
+        lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {better}/{measured} | {overall} |')
+    lines += ['', 'Per draw: paired over that draw\'s (case, seed) pairs. All draws: paired over (draw, seed, case); '
+                  'the bootstrap draws runs (label draw x seed) and cases with replacement, so the interval includes '
+                  'the draw-to-draw variation. supervised_a is trained on the same labeled cases as the method in '
+                  'each draw.', '']
+    return lines
+
+
+def render_markdown(data: Dict, comps: Dict, title: str, description: str, figure_rel: Optional[str],
+                    draw_lines: Optional[List[str]] = None) -> str:
     dice, hd95 = data['dice'], data['hd95']
     lines = [f'### {title}', '', description, '',
              '| method | seeds | Dice % (mean ± sd over seeds) | 95HD vox (mean ± sd) | Dice vs supervised_a, '
@@ -141,6 +214,8 @@ def render_markdown(data: Dict, comps: Dict, title: str, description: str, figur
             c = comps.get(method, {}).get(key)
             if c is not None:
                 lines.append(f'- {ps.describe(method, ref, c)}')
+    if draw_lines:
+        lines += [''] + draw_lines[:-1]
     if figure_rel:
         lines += ['', f'![per-case test Dice, paired differences and gap closed]({figure_rel})']
     lines += ['', 'Results JSONs: ' + ', '.join(f'`{f}`' for f in data['files']) + '.']
@@ -168,7 +243,9 @@ def draw_figure(data: Dict, comps: Dict, path: str, title: str):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], '-', color=colours[seed], alpha=0.25, lw=0.8)
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colours[seed], s=12, alpha=0.8)
     for seed in seeds:
-        ax.scatter([], [], color=colours[seed], label=f'seed {seed}')
+        draw = draw_of(seed)
+        ax.scatter([], [], color=colours[seed],
+                   label=f'seed {seed}' if not draw else f'label draw {draw}, seed {seed.rpartition(":")[2]}')
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=30, ha='right')
     ax.set_ylabel('test Dice % (one line = one test case, one seed)')
@@ -222,15 +299,18 @@ def draw_figure(data: Dict, comps: Dict, path: str, title: str):
 def update(results_dir: str, base: str, default_seed: int, markdown: str, section_key: str, figure: Optional[str],
            title: str, description: str, replicates: int = ps.DEFAULT_REPLICATES) -> Dict:
     from iteration_cost import replace_section
-    data = collect(results_dir, base, default_seed)
-    if not data['dice']:
-        return data
+    everything = collect(results_dir, base, default_seed)
+    if not everything['dice']:
+        return everything
+    # The main table is label draw 0 (the protocol every earlier row used); other draws get their own table.
+    data = draw0(everything)
     comps = comparisons(data, replicates)
     figure_rel = None
     if figure:
-        data['figure'] = draw_figure(data, comps, figure, title)
+        data['figure'] = draw_figure(everything, comparisons(everything, replicates), figure, title)
         figure_rel = os.path.relpath(figure, os.path.dirname(os.path.abspath(markdown)))
-    replace_section(markdown, section_key, render_markdown(data, comps, title, description, figure_rel))
+    replace_section(markdown, section_key, render_markdown(data, comps, title, description, figure_rel,
+                                                           draw_table(everything, replicates)))
     data['comparisons'] = comps
     return data
 

@@ -54,6 +54,30 @@ def test_runs_pair_by_draw_seed_and_case(tmp_path):
     assert c.wins == 3
 
 
+def test_main_table_is_draw_0_and_the_draw_table_reports_each_draw(tmp_path):
+    """The summary's main table keeps label draw 0 only (earlier tables stay as they were); the across-draws table
+    gives, per draw, method / supervised_a means and their paired difference, the draws won, and the difference
+    over all (draw, seed, case) pairs."""
+    base = 'accuracy_x_labeled2_it300'
+    _write(tmp_path / f'{base}.json', {'supervised_a': {'t1': 0.5, 't2': 0.6}, 'M': {'t1': 0.7, 't2': 0.6}})
+    _write(tmp_path / f'{base}_draw1.json', {'supervised_a': {'t1': 0.8, 't2': 0.8}, 'M': {'t1': 0.7, 't2': 0.6}})
+    data = accuracy_report.collect(str(tmp_path), base, 12345)
+    main = accuracy_report.draw0(data)
+    assert set(main['dice']['supervised_a']) == {'12345'} and set(main['dice']['M']) == {'12345'}
+    lines = accuracy_report.draw_table(data, replicates=200)
+    row = next(line for line in lines if line.startswith('| M |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    # draw 0: M 65.0 vs a 55.0, difference (0.2 + 0.0) / 2 = +10.0; draw 1: M 65.0 vs a 80.0, (-0.1 - 0.2) / 2 = -15.0
+    assert cells[1].startswith('65.0 / 55.0, +10.0 [')
+    assert cells[2].startswith('65.0 / 80.0, -15.0 [')
+    assert cells[3] == '1/2'
+    # all four (draw, case) pairs: (0.2 + 0.0 - 0.1 - 0.2) / 4 = -2.5 points
+    assert cells[4].startswith('-2.5 [') and cells[4].endswith(', 4')
+    # no other draw: no table
+    _write(tmp_path / 'only0.json', {'supervised_a': {'t1': 0.5}, 'M': {'t1': 0.7}})
+    assert accuracy_report.draw_table(accuracy_report.collect(str(tmp_path), 'only0', 12345)) == []
+
+
 def _label_image(array_zyx, spacing_xyz):
     import SimpleITK as sitk
     img = sitk.GetImageFromArray(array_zyx.astype(np.uint8))
