@@ -190,7 +190,7 @@ def table_description(args, s: Dict) -> str:
     total = f'{length} ({epochs} epochs x {iterations})' if epochs else f'{length} (1000 epochs x 250 iterations)'
     draw = (f' Label draw {s["labeled_draw"]}: labeled = {", ".join(s["labeled_cases"])}.'
             if s.get('labeled_draw') else '')
-    return (f'`benchmarks/accuracy_acdc.py` ({s["data"]}: the SSL4MIS training patients present, here '
+    return (f'`benchmarks/accuracy_acdc.py` (the SSL4MIS h5 release, copy `{os.path.basename(os.path.normpath(s["data"]))}`: the SSL4MIS training patients present, here '
             f'{s.get("num_train")}, and the {s.get("num_test")} test patients, both frames each), converted with '
             f'`nnUNetv2_semiseg_convert_ACDC` (h5 form) and resampled in-plane by a factor '
             f'{s.get("inplane_factor")} (slice axis untouched). (a) = the first {s["labeled"]} training patients '

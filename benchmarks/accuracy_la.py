@@ -150,7 +150,7 @@ def table_description(args, s: Dict) -> str:
     draw = (f' Label draw {s["labeled_draw"]}: labeled = {", ".join(s["labeled_cases"])} (training-list entries '
             f'{s["labeled_draw"] * s["labeled"] + 1}-{(s["labeled_draw"] + 1) * s["labeled"]}).'
             if s.get('labeled_draw') else '')
-    return (f'`benchmarks/accuracy_la.py` ({s["data"]}: every training and test ID of the UA-MT split present '
+    return (f'`benchmarks/accuracy_la.py` (the UA-MT h5 release, copy `{os.path.basename(os.path.normpath(s["data"]))}`: every training and test ID of the UA-MT split present '
             f'in the subset; here {s.get("num_train") or 20} training and {s.get("num_test") or 4} test cases), '
             f'converted with `nnUNetv2_semiseg_convert_LA` and resampled to {s["spacing_mm"]} mm '
             f'isotropic. (a) = {s["labeled"]} labeled + the other training cases unlabeled, (b) = all training '
