@@ -101,14 +101,11 @@ def test_streams_follow_the_plan_and_the_deployed_forward_is_the_ensemble():
     assert isinstance(net(x), list) and len(net(x)) == 2          # one output per decoder stage
 
 
-def test_non_plain_plans_and_region_datasets_are_refused_with_the_reason():
+def test_non_plain_plans_and_the_released_variant_on_an_ignore_label_are_refused_with_the_reason():
+    # (region datasets: tests/test_dualstream_regions.py)
     with pytest.raises(UnsupportedArchitectureError, match='ResidualEncoderUNet.*nnUNetPlans'):
         nnUNetTrainerDualStream.build_network_architecture(
             None, _configuration(2, 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'), 1, 3)
-    trainer = object.__new__(nnUNetTrainerDualStream)
-    trainer.label_manager = LabelManager({'background': 0, 'whole': [1, 2], 'core': [2]}, [1, 2])
-    with pytest.raises(UnsupportedLabelLayoutError, match='region-based.*regions_class_order'):
-        trainer.check_label_layout()
     released = object.__new__(nnUNetTrainerDualStream_releasedCode)
     released.label_manager = LabelManager({'background': 0, 'fg': 1, 'ignore': 2}, None)
     with pytest.raises(UnsupportedLabelLayoutError, match='ignore label'):
