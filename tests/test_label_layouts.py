@@ -2,7 +2,8 @@
 
 BCP on regions: the region-weighted DC+BCE against a hand computation, the per-region pseudo-labels with their
 largest component and nnU-Net's ignore channel, and the trainer's mixed region targets in both directions. The
-ignore label: no ignored voxel reaches a BCP term as a class.
+ignore label: no ignored voxel reaches a BCP term as a class; DualStream's method terms never read the labels
+(softmax and regions, pseudo-label terms on unlabeled or on all rows).
 """
 from types import SimpleNamespace
 
@@ -183,3 +184,74 @@ def test_bcp_region_step_mixes_region_targets_inward_and_outward(ignore):
     assert terms['inward'].item() == pytest.approx(expected, rel=1e-5)
     assert terms['outward'].item() > 0 and terms['loss'].item() == pytest.approx(
         terms['inward'].item() + terms['outward'].item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DualStream and the ignore label: no unsupervised term reads the target, so an ignored voxel is never a class there
+# ----------------------------------------------------------------------------------------------------------------
+class _FixedDualStreams(nn.Module):
+    """Stand-in for DualStreamNetwork: forward_streams returns fixed logits / features (leaves with gradient)."""
+
+    def __init__(self, logits: dict, features: dict):
+        super().__init__()
+        self.logits = nn.ParameterDict({s: nn.Parameter(v.clone()) for s, v in logits.items()})
+        self.features = nn.ParameterDict({s: nn.Parameter(v.clone()) for s, v in features.items()})
+
+    def forward_streams(self, x):
+        return {s: {'seg': [self.logits[s], self.logits[s][..., ::2, ::2]], 'features': self.features[s]}
+                for s in 'AB'}
+
+
+def _dual_stream_ignore_case(regions: bool, rows: str):
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2_semiseg.trainers.dualstream import nnUNetTrainerDualStream
+    cls = type('DualStreamRows', (nnUNetTrainerDualStream,), {'pseudo_label_rows': rows})
+    t = object.__new__(cls)
+    if regions:
+        t.label_manager = LabelManager(dict(REGION_LABELS, ignore=3), REGIONS_CLASS_ORDER)
+        dc = DC_and_BCE_loss({}, {'batch_dice': True, 'smooth': SMOOTH, 'do_bg': True, 'ddp': False},
+                             use_ignore_label=True, dice_class=MemoryEfficientSoftDiceLoss)
+    else:
+        t.label_manager = LabelManager({'background': 0, 'a': 1, 'b': 2, 'ignore': 3}, None)
+        dc = DC_and_CE_loss({'batch_dice': True, 'smooth': SMOOTH, 'do_bg': False, 'ddp': False}, {},
+                            ignore_label=3, dice_class=MemoryEfficientSoftDiceLoss)
+    t.loss = DeepSupervisionWrapper(dc, (2 / 3, 1 / 3))
+    t.device = torch.device('cpu')
+    t.global_iteration, t.num_epochs, t.num_iterations_per_epoch = 5, 1, 10
+    t.loss_components = t.build_loss_components()
+    g = torch.Generator().manual_seed(4)
+    channels = 2 if regions else 3
+    logits = {s: 2 * torch.randn(4, channels, 8, 8, generator=g) for s in 'AB'}
+    features = {s: torch.randn(4, 3, 8, 8, generator=g) for s in 'AB'}
+    labels = torch.randint(0, 3, (2, 8, 8), generator=g)
+    return t, logits, features, labels
+
+
+def _dual_stream_targets(labels: torch.Tensor, regions: bool, ignored: torch.Tensor):
+    labels = torch.where(ignored, torch.full_like(labels, 3), labels)
+    if regions:
+        full = torch.stack(((labels == 1) | (labels == 2), labels == 2, labels == 3), 1).float()
+    else:
+        full = labels[:, None].float()
+    return [full, full[..., ::2, ::2]]
+
+
+@pytest.mark.parametrize('regions', [False, True])
+@pytest.mark.parametrize('rows', ['unlabeled', 'all'])
+def test_dual_stream_method_terms_never_read_the_labels_so_ignored_voxels_are_no_class(regions, rows):
+    t, logits, features, labels = _dual_stream_ignore_case(regions, rows)
+    x = torch.zeros(4, 1, 8, 8)
+    annotated = _dual_stream_targets(labels, regions, torch.zeros_like(labels, dtype=torch.bool))
+    half = torch.zeros_like(labels, dtype=torch.bool)
+    half[:, :4] = True                                                     # half of every labeled row unannotated
+    partial = _dual_stream_targets(labels, regions, half)
+    terms = [t.composed_loss(_FixedDualStreams(logits, features), x, target, 2) for target in (annotated, partial)]
+    for name in ('pseudo', 'uncertainty', 'consistency', 'contrast'):
+        assert terms[0][name].item() == terms[1][name].item(), name         # identical: the labels are not read
+    assert torch.isfinite(terms[1]['sup']) and terms[0]['sup'].item() != pytest.approx(terms[1]['sup'].item())
+    # the supervised part, nnU-Net's loss, gives ignored voxels no gradient
+    net = _FixedDualStreams(logits, features)
+    t.composed_loss(net, x, partial, 2)['sup'].backward()
+    for s in 'AB':
+        grad = net.logits[s].grad[:2]
+        assert grad[:, :, :4].abs().max() == 0 and grad[:, :, 4:].abs().max() > 0
