@@ -255,3 +255,33 @@ def test_dual_stream_method_terms_never_read_the_labels_so_ignored_voxels_are_no
     for s in 'AB':
         grad = net.logits[s].grad[:2]
         assert grad[:, :, :4].abs().max() == 0 and grad[:, :, 4:].abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mean Teacher on regions: the consistency compares per-region sigmoid probabilities
+# ----------------------------------------------------------------------------------------------------------------
+def test_mean_teacher_region_consistency_is_the_mse_of_the_sigmoids():
+    from nnunetv2_semiseg.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+    t = object.__new__(type('MeanTeacherNoNoise', (nnUNetTrainerMeanTeacher,), {'teacher_noise_std': 0.0}))
+    t.label_manager = LabelManager(REGION_LABELS, REGIONS_CLASS_ORDER)
+    torch.manual_seed(0)
+    base = PlainConvUNet(1, 2, (4, 8), nn.Conv2d, 3, (1, 2), (1, 1), 2, (1,), conv_bias=True,
+                         norm_op=nn.InstanceNorm2d, norm_op_kwargs={'affine': True}, nonlin=nn.LeakyReLU,
+                         deep_supervision=True)
+    t.network = SemiSegNetwork(base)
+    t.device, t.is_ddp = torch.device('cpu'), False
+    t.global_iteration, t.num_epochs, t.num_iterations_per_epoch = 0, 1, 10
+    t.loss = lambda outputs, target: outputs[0].float().sum() * 0.0
+    t.loss_components = t.build_loss_components()
+    with torch.no_grad():                     # a teacher that differs from the student
+        for p in t.consistency.teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 1, 8, 8)
+    terms = t.composed_loss(t.network, x, None, 1)
+    with torch.no_grad():
+        z_s, z_t = t.network(x)[0][1:].double().numpy(), t.consistency.teacher(x)[1:].double().numpy()
+    sig = lambda z: 1 / (1 + np.exp(-z))     # noqa: E731
+    expected = np.mean((sig(z_s) - sig(z_t)) ** 2)
+    assert terms['cons'].item() == pytest.approx(expected, rel=1e-5)
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)   # noqa: E731
+    assert terms['cons'].item() != pytest.approx(np.mean((softmax(z_s) - softmax(z_t)) ** 2), rel=1e-2)
