@@ -287,10 +287,11 @@ def test_3d_train_resume_predict_ensemble_export_both_streams(workspace, tmp_pat
     for term in ('sup', 'pseudo', 'uncertainty', 'consistency', 'contrast'):
         assert len(final['logging'][f'train_{term}']) == 1 and np.isfinite(final['logging'][f'train_{term}'][0])
     # one optimizer over both streams. Unique tensors = parameters (the state dict repeats shared modules, e.g.
-    # decoder.encoder.*; InstanceNorm has no buffers). Momentum buffers exist for all but the two streams'
-    # lowest-resolution seg layers (weight + bias each), to which nnU-Net's deep supervision gives weight 0 outside
-    # DDP.
-    num_params = len({v.data_ptr() for v in final['network_weights'].values()})
+    # decoder.encoder.*; InstanceNorm has no buffers; the one buffer is the region_ensemble flag). Momentum buffers
+    # exist for all but the two streams' lowest-resolution seg layers (weight + bias each), to which nnU-Net's deep
+    # supervision gives weight 0 outside DDP.
+    assert int(final['network_weights']['region_ensemble']) == 0            # softmax dataset: softmax ensemble
+    num_params = len({v.data_ptr() for k, v in final['network_weights'].items() if k != 'region_ensemble'})
     assert num_params > len({v.data_ptr() for k, v in final['network_weights'].items() if k.startswith('stream_a.')})
     assert len(final['optimizer_state']['param_groups'][0]['params']) == num_params
     assert len(final['optimizer_state']['state']) == num_params - 4

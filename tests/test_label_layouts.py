@@ -285,3 +285,45 @@ def test_mean_teacher_region_consistency_is_the_mse_of_the_sigmoids():
     assert terms['cons'].item() == pytest.approx(expected, rel=1e-5)
     softmax = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)   # noqa: E731
     assert terms['cons'].item() != pytest.approx(np.mean((softmax(z_s) - softmax(z_t)) ** 2), rel=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Voxel adversarial and the ignore label: no ignored labeled voxel is sampled as "real" or as a BYOL pair
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('regions', [False, True])
+def test_voxel_adversarial_never_samples_an_ignored_voxel_as_a_class(regions):
+    from test_voxel_adversarial import _ds, _trainer
+    from nnunetv2_semiseg.trainers.voxel_adversarial import nnUNetTrainerVoxelAdversarial
+    if regions:
+        lm = LabelManager(dict(REGION_LABELS, ignore=3), REGIONS_CLASS_ORDER)
+    else:
+        lm = LabelManager({'background': 0, 'a': 1, 'b': 2, 'ignore': 3}, None)
+    t = _trainer(nnUNetTrainerVoxelAdversarial, lm, 2, stages=3, seed=6)
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 3, (2, 16, 16), generator=g)
+    ignored = torch.zeros_like(labels, dtype=torch.bool)
+    ignored[:, :6] = True
+    labels = torch.where(ignored, torch.full_like(labels, 3), labels)
+    if regions:
+        target = torch.stack(((labels == 1) | (labels == 2), labels == 2, labels == 3), 1).float()
+    else:
+        target = labels[:, None].float()
+    samples = []
+    for component in t.loss_components[:2]:                                 # adversarial, BYOL
+        original = component.routing.sample
+
+        def spy(classes, original=original, name=component.name):
+            out = original(classes)
+            samples.append((name, classes.clone(), out))
+            return out
+        component.routing.sample = spy
+    t.compute_loss_terms(torch.randn(2, 1, 16, 16, generator=g), _ds(target), {'data': torch.randn(2, 1, 16, 16)})
+    assert {name for name, _, _ in samples} == {'adv', 'feature'}
+    flat_ignored = ignored.reshape(2, -1)
+    for name, classes, (rows, flat, sampled) in samples:
+        labeled = rows < 2
+        assert not flat_ignored[rows[labeled], flat[labeled]].any(), name
+        # every annotated labeled voxel is routed (256 per class and row covers them all): ignored ones are not
+        assert int(labeled.sum()) == int((~ignored).sum()), name
+        expected_heads = (torch.where((labels == 2), 2, (labels == 1).long()) if regions else labels)
+        assert torch.equal(sampled[labeled], expected_heads.reshape(2, -1)[rows[labeled], flat[labeled]]), name
