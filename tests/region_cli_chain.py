@@ -36,6 +36,7 @@ def predict_model_folder(model_folder, images, output):
     predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device('cpu'),
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, ('all',), 'checkpoint_final.pth')
+    os.makedirs(output, exist_ok=True)
     predictor.predict_from_files_sequential(images, output, save_probabilities=False, overwrite=True)
 
 
