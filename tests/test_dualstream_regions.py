@@ -241,8 +241,8 @@ def _region_trainer():
 
 
 def _streams():
-    """Row 0 labeled, rows 1-2 unlabeled (10 voxels over the unlabeled rows per channel); B = A's mirror image
-    plus noise, so the streams' thresholds and entropy ranks differ."""
+    """Row 0 labeled, rows 1-2 unlabeled (10 voxels over the unlabeled rows per channel); the two streams' logits
+    are drawn independently, so their thresholds and entropy ranks differ (checked in the test)."""
     g = torch.Generator().manual_seed(11)
     a = 2.0 * torch.randn(NUM_ROWS, K, 1, WIDTH, generator=g)
     b = 2.0 * torch.randn(NUM_ROWS, K, 1, WIDTH, generator=g)
@@ -345,7 +345,8 @@ def _network(num_outputs: int):
     kwargs = {'n_stages': 3, 'features_per_stage': [4, 8, 16], 'conv_op': 'torch.nn.modules.conv.Conv2d',
               'kernel_sizes': [[3, 3]] * 3, 'strides': [[1, 1], [2, 2], [2, 2]], 'n_conv_per_stage': [2, 2, 2],
               'n_conv_per_stage_decoder': [1, 1], 'conv_bias': True,
-              'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm2d', 'norm_op_kwargs': {'eps': 1e-5, 'affine': True},
+              'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm2d',
+              'norm_op_kwargs': {'eps': 1e-5, 'affine': True},
               'dropout_op': None, 'dropout_op_kwargs': None, 'nonlin': 'torch.nn.LeakyReLU',
               'nonlin_kwargs': {'inplace': True}}
     configuration = SimpleNamespace(network_arch_class_name='dynamic_network_architectures.architectures.unet.'
