@@ -327,3 +327,46 @@ def test_voxel_adversarial_never_samples_an_ignored_voxel_as_a_class(regions):
         assert int(labeled.sum()) == int((~ignored).sum()), name
         expected_heads = (torch.where((labels == 2), 2, (labels == 1).long()) if regions else labels)
         assert torch.equal(sampled[labeled], expected_heads.reshape(2, -1)[rows[labeled], flat[labeled]]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BCP with an ignore label (softmax): the ignore value stays where the ground truth has it, never a pseudo-class
+# ----------------------------------------------------------------------------------------------------------------
+def test_bcp_softmax_ignore_label_stays_in_the_ground_truth_part_of_the_mixed_targets():
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    t = _region_trainer(nnUNetTrainerBCP_noLCC)                       # then switched to a softmax layout
+    t.label_manager = LabelManager({'background': 0, 'a': 1, 'b': 2, 'ignore': 3}, None)
+    torch.manual_seed(0)
+    base = PlainConvUNet(1, 3, (4, 8, 16), nn.Conv2d, 3, (1, 2, 2), (1, 1, 1), 3, (1, 1), conv_bias=True,
+                         norm_op=nn.InstanceNorm2d, norm_op_kwargs={'affine': True}, nonlin=nn.LeakyReLU,
+                         deep_supervision=True)
+    t.network = SemiSegNetwork(base)
+    dc_ce = DC_and_CE_loss({'batch_dice': True, 'smooth': SMOOTH, 'do_bg': False, 'ddp': False}, {},
+                           ignore_label=3, dice_class=MemoryEfficientSoftDiceLoss)
+    t.loss = DeepSupervisionWrapper(dc_ce, (2 / 3, 1 / 3))
+    t.copy_paste = BidirectionalCopyPaste(t.mask_beta, t.u_weight, False, t.bidirectional, 5)
+    t.copy_paste.use_loss_pieces(**t.supervised_loss_pieces())
+    t.teacher = BCPTeacher(t.network, t.ema_decay)
+    g = torch.Generator().manual_seed(3)
+    x, u = torch.randn(2, 1, 16, 16, generator=g), torch.randn(2, 1, 16, 16, generator=g)
+    labels = torch.randint(0, 3, (2, 1, 16, 16), generator=g)
+    labels[:, :, :5] = 3                                                # the first five lines unannotated
+    target = [labels.float(), labels[..., ::2, ::2].float()]
+    captured = {}
+    original = t.copy_paste.direction_losses
+    t.copy_paste.direction_losses = lambda outputs, patches: (captured.update(patches=patches),
+                                                              original(outputs, patches))[1]
+    terms = t.compute_loss_terms(x, target, {'data': u})
+    with torch.no_grad():
+        teacher_logits = t.teacher.teacher(u)
+        teacher_logits = teacher_logits[0] if isinstance(teacher_logits, (list, tuple)) else teacher_logits
+    pseudo = teacher_logits.argmax(1, keepdim=True)
+    assert int(pseudo.max()) < 3
+    m = t.copy_paste.masks.mask(x.shape[2:], 0, 0).bool()
+    got = captured['patches'].target_levels[0].long()
+    assert torch.equal(got[:2], torch.where(m, labels, pseudo))               # inward: labeled inside the box
+    assert torch.equal(got[2:], torch.where(m, torch.roll(pseudo, 1, 0), labels))
+    # the ignore value is exactly the ground truth's unannotated voxels in the ground-truth part, nowhere else
+    gt_part = torch.cat((m.expand_as(labels), ~m.expand_as(labels)))
+    assert torch.equal(got == 3, gt_part & (torch.cat((labels, labels)) == 3))
+    assert torch.isfinite(terms['inward']) and terms['inward'].item() > 0
