@@ -4,6 +4,11 @@
 20x32x32 voxels, planned by nnU-Net, shrunk to the plans ``nnUNetPlansTiny`` (3 stages, 8/16/32 features, patch
 16x32x32 / 32x32, batch 2) and preprocessed for ``3d_fullres`` and ``2d`` (labeled and unlabeled).
 
+``region_dataset`` (session): Dataset902, a region-based version (dataset.json regions whole = {1, 2}, core = {2})
+with 3 labeled, 2 unlabeled and 1 test case of 16x24x24 voxels, planned and shrunk to ``nnUNetPlansTinyRegions``
+(3 stages, 4/8/16 features, patch 16x16x16, batch 2), ``3d_fullres`` only; trained on fold ``all``. Shared by every
+test that needs a planned region dataset.
+
 ``workspace`` (function): a private copy of that nnU-Net tree (raw + preprocessed, empty results) so tests that
 train or write can run in any order. ``workspace.train_env(epochs, iterations)`` gives the env for a short run.
 """
@@ -20,6 +25,9 @@ from nnunetv2_semiseg.demo.synthetic import make_synthetic_dataset
 TINY_ID = 901
 TINY_NAME = 'Dataset901_SemiSegSynth'
 TINY_PLANS = 'nnUNetPlansTiny'
+REGION_ID = 902
+REGION_NAME = 'Dataset902_SemiSegRegions'
+REGION_PLANS = 'nnUNetPlansTinyRegions'
 
 
 @dataclass
@@ -72,6 +80,17 @@ def tiny_dataset(tmp_path_factory) -> Workspace:
                            num_test=2, shape=(20, 32, 32), seed=1)
     plan_and_preprocess_tiny(env, TINY_ID, ('3d_fullres', '2d'), plans_name=TINY_PLANS)
     return Workspace(base)
+
+
+@pytest.fixture(scope='session')
+def region_dataset(tmp_path_factory) -> Workspace:
+    base = str(tmp_path_factory.mktemp('region_nnunet'))
+    env = nnunet_env(base)
+    make_synthetic_dataset(env['nnUNet_raw'], REGION_ID, name='SemiSegRegions', num_labeled=3, num_unlabeled=2,
+                           num_test=1, shape=(16, 24, 24), num_classes=2, regions=True, seed=2)
+    plan_and_preprocess_tiny(env, REGION_ID, ('3d_fullres',), plans_name=REGION_PLANS, features=(4, 8, 16),
+                             patch_3d=(16, 16, 16))
+    return Workspace(base, REGION_ID, REGION_NAME, REGION_PLANS)
 
 
 @pytest.fixture

@@ -101,14 +101,11 @@ def test_streams_follow_the_plan_and_the_deployed_forward_is_the_ensemble():
     assert isinstance(net(x), list) and len(net(x)) == 2          # one output per decoder stage
 
 
-def test_non_plain_plans_and_region_datasets_are_refused_with_the_reason():
+def test_non_plain_plans_and_the_released_variant_on_an_ignore_label_are_refused_with_the_reason():
+    # (region datasets: tests/test_dualstream_regions.py)
     with pytest.raises(UnsupportedArchitectureError, match='ResidualEncoderUNet.*nnUNetPlans'):
         nnUNetTrainerDualStream.build_network_architecture(
             None, _configuration(2, 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'), 1, 3)
-    trainer = object.__new__(nnUNetTrainerDualStream)
-    trainer.label_manager = LabelManager({'background': 0, 'whole': [1, 2], 'core': [2]}, [1, 2])
-    with pytest.raises(UnsupportedLabelLayoutError, match='region-based.*regions_class_order'):
-        trainer.check_label_layout()
     released = object.__new__(nnUNetTrainerDualStream_releasedCode)
     released.label_manager = LabelManager({'background': 0, 'fg': 1, 'ignore': 2}, None)
     with pytest.raises(UnsupportedLabelLayoutError, match='ignore label'):
@@ -290,10 +287,11 @@ def test_3d_train_resume_predict_ensemble_export_both_streams(workspace, tmp_pat
     for term in ('sup', 'pseudo', 'uncertainty', 'consistency', 'contrast'):
         assert len(final['logging'][f'train_{term}']) == 1 and np.isfinite(final['logging'][f'train_{term}'][0])
     # one optimizer over both streams. Unique tensors = parameters (the state dict repeats shared modules, e.g.
-    # decoder.encoder.*; InstanceNorm has no buffers). Momentum buffers exist for all but the two streams'
-    # lowest-resolution seg layers (weight + bias each), to which nnU-Net's deep supervision gives weight 0 outside
-    # DDP.
-    num_params = len({v.data_ptr() for v in final['network_weights'].values()})
+    # decoder.encoder.*; InstanceNorm has no buffers; the one buffer is the region_ensemble flag). Momentum buffers
+    # exist for all but the two streams' lowest-resolution seg layers (weight + bias each), to which nnU-Net's deep
+    # supervision gives weight 0 outside DDP.
+    assert int(final['network_weights']['region_ensemble']) == 0            # softmax dataset: softmax ensemble
+    num_params = len({v.data_ptr() for k, v in final['network_weights'].items() if k != 'region_ensemble'})
     assert num_params > len({v.data_ptr() for k, v in final['network_weights'].items() if k.startswith('stream_a.')})
     assert len(final['optimizer_state']['param_groups'][0]['params']) == num_params
     assert len(final['optimizer_state']['state']) == num_params - 4

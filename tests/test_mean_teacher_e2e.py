@@ -125,25 +125,3 @@ def test_missing_unlabeled_folder_names_the_command(workspace):
     message = str(info.value)
     assert 'nnUNetv2_semiseg_preprocess_unlabeled -d 901 -c 3d_fullres -plans_name nnUNetPlansTiny' in message
     assert 'imagesUnlabeled' in message
-
-
-def test_region_based_dataset_trains_and_predicts(tmp_path):
-    """Sigmoid (region) datasets: DC+BCE supervised loss, sigmoid probabilities in the consistency."""
-    from nnunetv2_semiseg.demo.pipeline import (nnunet_env, plan_and_preprocess_tiny, predict, run_step,
-                                                training_env)
-    from nnunetv2_semiseg.demo.synthetic import make_synthetic_dataset
-    env = nnunet_env(str(tmp_path))
-    raw = make_synthetic_dataset(env['nnUNet_raw'], 902, 'SemiSegRegions', num_labeled=3, num_unlabeled=2,
-                                 num_test=1, shape=(16, 32, 32), num_classes=2, regions=True, seed=2)
-    plan_and_preprocess_tiny(env, 902, ('3d_fullres',), patch_3d=(16, 32, 32))
-    train_env = training_env(env, 1, 2, 1, final_validation=False)
-    run_step(['nnUNetv2_train', '902', '3d_fullres', 'all', '-tr', TRAINER, '-p', 'nnUNetPlansTiny', '-device',
-              'cpu'], train_env)
-    final = _load(os.path.join(env['nnUNet_results'], 'Dataset902_SemiSegRegions',
-                               f'{TRAINER}__nnUNetPlansTiny__3d_fullres', 'fold_all', 'checkpoint_final.pth'))
-    # Two region outputs (whole, core), no background channel.
-    assert final['network_weights']['decoder.seg_layers.1.weight'].shape[0] == 2
-    assert np.isfinite(final['logging']['train_cons'][0])
-    out = str(tmp_path / 'pred')
-    predict(train_env, os.path.join(raw, 'imagesTs'), out, 902, '3d_fullres', 'all', TRAINER, 'nnUNetPlansTiny')
-    assert set(np.unique(_read(os.path.join(out, 'test_000.nii.gz')))) <= {0, 1, 2}

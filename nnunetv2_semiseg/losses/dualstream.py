@@ -1,7 +1,8 @@
 """Losses of the dual-network method (AIPMLab, "Semi-Supervised Medical Image Segmentation via Dual Networks").
 
-Every function is pure: tensors in, a scalar (or a mask) out, float32, no trainer state. Softmax layout only
-(probabilities over the class axis 1; one class per voxel). Sources are the paper ([S4],
+Every function is pure: tensors in, a scalar (or a mask) out, float32, no trainer state. First the softmax layout
+(probabilities over the class axis 1; one class per voxel), then the region (sigmoid) layout at the end of the
+file: the same terms with one Bernoulli variable per region channel. Sources are the paper ([S4],
 ``shared/papers/dual_networks_ssl.txt``; its equations were lost in extraction, so the formulas are rebuilt from its
 prose) and the released code (AIP ``train_LA.py``, read through ``shared/docs/methods.md`` §5.2). Which detach
 points and normalisations are the paper's intent and which are the code's is listed per function and in
@@ -194,3 +195,122 @@ def ensemble_log_probabilities(logits_a: torch.Tensor, logits_b: torch.Tensor) -
     """
     stacked = torch.stack((F.log_softmax(logits_a.float(), 1), F.log_softmax(logits_b.float(), 1)))
     return torch.logsumexp(stacked, 0) - torch.log(torch.tensor(2.0, device=logits_a.device))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Region-based datasets (sigmoid outputs): every output channel is its own binary problem
+# ------------------------------------------------------------------------------------------------------------------
+# Overlapping regions (e.g. whole tumour, core, enhancing) do not partition the voxels into classes, so the softmax
+# formulas above do not apply. Each region channel k is a Bernoulli variable with p_k = sigmoid(z_k); every term
+# below is the binary (two-class) form of its softmax counterpart, applied per channel and averaged over channels.
+# For one region this is exactly what the softmax formulas give on a two-class (background, foreground) output.
+
+def bernoulli_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """H_v,k = -(p_v,k log(p_v,k + 1e-10) + (1 - p_v,k) log(1 - p_v,k + 1e-10)) per region channel k.
+
+    probabilities (B, K, *spatial) sigmoid outputs -> (B, K, *spatial) (the channel axis is kept)."""
+    p = probabilities.float()
+    return -(p * torch.log(p + ENTROPY_EPSILON) + (1.0 - p) * torch.log(1.0 - p + ENTROPY_EPSILON))
+
+
+def channelwise_high_entropy_mask(entropy: torch.Tensor, percentile: float = 80.0) -> torch.Tensor:
+    """:func:`high_entropy_mask` for each region channel separately: in channel k, the round(20 %) voxels of the
+    batch with the highest entropy of that region are ignored. entropy (B, K, *spatial) -> bool (B, K, *spatial).
+
+    Per channel because a voxel can be certain about one region (far outside the tumour core) and uncertain about
+    another (on the whole-tumour border)."""
+    return torch.stack([high_entropy_mask(entropy[:, k], percentile) for k in range(entropy.shape[1])], 1)
+
+
+def region_pseudo_labels(teacher_probabilities: torch.Tensor) -> torch.Tensor:
+    """yhat_v,k = [p_v,k >= 0.5] per region channel (bool, same shape): nnU-Net's per-region decision."""
+    return teacher_probabilities >= 0.5
+
+
+def region_dc_bce_loss(student_logits: torch.Tensor, pseudo_label: torch.Tensor, ignore: torch.Tensor,
+                       batch_dice: bool = True, smooth: float = 1e-5) -> torch.Tensor:
+    """Entropy-filtered pseudo-label loss for regions: nnU-Net's region loss (DC+BCE, ``DC_and_BCE_loss`` with its
+    ignore mask) per channel, with channel k's own ignore mask, averaged over the K channels:
+
+        L = (1/K) sum_k [ BCE_k + Dice_k ],
+        BCE_k  = sum_{v valid in k} bce(z_v,k, yhat_v,k) / #valid_k,
+        Dice_k = -(2 sum_v m p y + s) / (sum_v m y + sum_v m p + s),   m = 1[v valid in k], p = sigmoid(z_v,k),
+                 y = yhat_v,k, s = 1e-5, sums over the batch (batch Dice, nnU-Net's region setting)
+
+    (nnU-Net's soft Dice is negative: its optimum is -1). ``student_logits`` (B, K, *spatial) are the learning
+    stream's live logits; ``pseudo_label`` (B, K, *spatial) the teaching stream's p >= 0.5; ``ignore`` (B, K,
+    *spatial) its high-entropy voxels per channel. nnU-Net's loss takes one ignore channel for all regions, hence
+    one call per region channel.
+    """
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    loss = DC_and_BCE_loss({}, {'batch_dice': batch_dice, 'smooth': smooth, 'do_bg': True, 'ddp': False},
+                           use_ignore_label=True, dice_class=MemoryEfficientSoftDiceLoss)
+    logits = student_logits.float()
+    per_channel = [loss(logits[:, k:k + 1], torch.stack((pseudo_label[:, k], ignore[:, k]), 1).bool())
+                   for k in range(logits.shape[1])]
+    return torch.stack(per_channel).mean()
+
+
+def region_uncertainty_weighted_pseudo_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                                  temperature: float = 0.5, tempered_kl: bool = True
+                                                  ) -> torch.Tensor:
+    """:func:`uncertainty_weighted_pseudo_label_loss` with a Bernoulli per region channel:
+
+        q = sigmoid(sg(z_teacher) / T),  yhat = [z_teacher >= 0] (= [sigmoid(z_teacher) >= 0.5]),  p = sigmoid(z),
+        KL_v,k = q log(q / p) + (1 - q) log((1 - q) / (1 - p)),   BCE_v,k = bce(z_v,k, yhat_v,k),
+        L_u = mean_{v,k}( exp(-KL_v,k) * BCE_v,k ) + mean_{v,k}( KL_v,k )
+
+    Only the learning stream receives gradient; ``tempered_kl=False`` uses T = 1 in q (the released code's KL).
+    """
+    teacher = teacher_logits.detach().float()
+    z = student_logits.float()
+    pseudo_label = (teacher >= 0).float()
+    t = teacher / temperature if tempered_kl else teacher
+    log_q, log_not_q = F.logsigmoid(t), F.logsigmoid(-t)
+    log_p, log_not_p = F.logsigmoid(z), F.logsigmoid(-z)
+    kl = log_q.exp() * (log_q - log_p) + log_not_q.exp() * (log_not_q - log_not_p)
+    bce = F.binary_cross_entropy_with_logits(z, pseudo_label, reduction='none')
+    return torch.mean(torch.exp(-kl) * bce) + torch.mean(kl)
+
+
+def region_cosine_consistency(probabilities_a: torch.Tensor, probabilities_b: torch.Tensor) -> torch.Tensor:
+    """L_reg for regions = mean_{v,k} (1 - cos((a, 1 - a), (b, 1 - b))),  a = p_A,v,k, b = p_B,v,k:
+
+        cos = (a b + (1 - a)(1 - b)) / (sqrt(a^2 + (1 - a)^2) sqrt(b^2 + (1 - b)^2))
+
+    the cosine of each region's two-class distribution (a softmax cosine over the channels would compare
+    unrelated regions). No stop-gradient: both streams move."""
+    a, b = probabilities_a.float(), probabilities_b.float()
+    pair_a, pair_b = torch.stack((a, 1.0 - a)), torch.stack((b, 1.0 - b))
+    return torch.mean(1.0 - F.cosine_similarity(pair_a, pair_b, dim=0, eps=1e-8))
+
+
+def region_prototype_contrast_loss(embeddings: torch.Tensor, pseudo_label: torch.Tensor, reliable: torch.Tensor
+                                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prototype_contrast_loss` per region channel k with two classes (outside, inside region k), averaged:
+
+        pull = (1/K) sum_k pull_k,   separation = (1/K) sum_k (2 - d(mu_k,in, mu_k,out))
+
+    where channel k's prototypes mu_k,in / mu_k,out are the mean embeddings of the voxels reliable for region k
+    (low entropy in channel k) with yhat_k = 1 / 0, and pull_k pulls the voxels uncertain for region k to the
+    (detached) prototype of their side. ``pseudo_label``, ``reliable`` (B, K, *spatial) bool."""
+    pulls, separations = [], []
+    for k in range(pseudo_label.shape[1]):
+        pull, separation = prototype_contrast_loss(embeddings, pseudo_label[:, k].long(), reliable[:, k], 2)
+        pulls.append(pull)
+        separations.append(separation)
+    return torch.stack(pulls).mean(), torch.stack(separations).mean()
+
+
+def region_ensemble_logits(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """logit((sigmoid(z_A) + sigmoid(z_B)) / 2) per region channel, computed stably:
+
+        log m - log(1 - m) = logsumexp(logsigmoid(z_A), logsigmoid(z_B)) - logsumexp(logsigmoid(-z_A), logsigmoid(-z_B))
+
+    (the log 2 of both means cancels). nnU-Net's predictor applies sigmoid and thresholds at 0.5 for region
+    datasets; sigmoid of this is exactly the mean of the two streams' region probabilities."""
+    a, b = logits_a.float(), logits_b.float()
+    inside = torch.logsumexp(torch.stack((F.logsigmoid(a), F.logsigmoid(b))), 0)
+    outside = torch.logsumexp(torch.stack((F.logsigmoid(-a), F.logsigmoid(-b))), 0)
+    return inside - outside

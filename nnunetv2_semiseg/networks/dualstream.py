@@ -6,7 +6,10 @@
   ``'resenc_m'`` takes nnU-Net's ResEnc-M encoder block counts (1, 3, 4, 6, 6, ...).
 
 ``DualStreamNetwork.forward(x)`` returns log((softmax(z_A) + softmax(z_B)) / 2), so stock ``nnUNetv2_predict``
-(softmax + argmax) predicts the averaged probabilities of both streams, as the released code's test does. Training
+(softmax + argmax) predicts the averaged probabilities of both streams, as the released code's test does. For
+region-based datasets (sigmoid outputs) it returns logit((sigmoid(z_A) + sigmoid(z_B)) / 2) instead; which of the
+two is stored in the state dict (``region_ensemble``), so the predictor, which builds the network without the
+dataset's labels, gets the right one when it loads the weights strictly. Training
 code reaches each stream through ``forward(x, train_fn=...)`` (one call through DDP) and ``stream_a`` /
 ``stream_b``, each a :class:`SemiSegNetwork` with ``forward_with_features``.
 
@@ -22,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from nnunetv2_semiseg.losses.dualstream import ensemble_log_probabilities
+from nnunetv2_semiseg.losses.dualstream import ensemble_log_probabilities, region_ensemble_logits
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
 
 PLAIN_UNET = 'dynamic_network_architectures.architectures.unet.PlainConvUNet'
@@ -68,14 +71,42 @@ def stream_architectures(network_class_name: str, arch_kwargs: dict, blocks: str
                                                                                                     blocks_per_stage))}
 
 
+REGION_ENSEMBLE_KEY = 'region_ensemble'
+
+
 class DualStreamNetwork(nn.Module):
-    """Streams A and B; ``forward(x)`` is the deployed ensemble (log of the averaged softmax)."""
+    """Streams A and B; ``forward(x)`` is the deployed ensemble: log of the averaged softmax, or for region datasets
+    the logit of the averaged sigmoids (:meth:`use_region_ensemble`)."""
 
     def __init__(self, stream_a: nn.Module, stream_b: nn.Module):
         super().__init__()
         self.stream_a = SemiSegNetwork(stream_a)
         self.stream_b = SemiSegNetwork(stream_b)
         self.heads = None  # no training-only heads: the contrast works on the decoders' own last features
+        # The output layout is part of the weights: nnU-Net's predictor builds the network from the plans alone
+        # (build_network_architecture never sees dataset.json), then loads network_weights strictly, which sets it.
+        # A Python mirror keeps forward() free of a device sync.
+        self.register_buffer(REGION_ENSEMBLE_KEY, torch.zeros((), dtype=torch.uint8))
+        self._regions = False
+
+    def use_region_ensemble(self, enabled: bool) -> None:
+        """Ensemble sigmoid region outputs (True) or softmax class outputs (False, the default)."""
+        self.region_ensemble.fill_(int(bool(enabled)))
+        self._regions = bool(enabled)
+
+    @property
+    def regions(self) -> bool:
+        return self._regions
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + REGION_ENSEMBLE_KEY
+        if key not in state_dict:
+            # weights saved before the layout was stored: those models were softmax-only
+            state_dict[key] = torch.zeros((), dtype=torch.uint8)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._regions = bool(int(state_dict[key]))
 
     @property
     def streams(self) -> Dict[str, SemiSegNetwork]:
@@ -90,9 +121,10 @@ class DualStreamNetwork(nn.Module):
             # Both streams' training passes inside ONE call, so DDP sees every parameter use.
             return train_fn(self, x)
         out_a, out_b = self.stream_a(x), self.stream_b(x)
+        ensemble = region_ensemble_logits if self._regions else ensemble_log_probabilities
         if isinstance(out_a, (list, tuple)):
-            return [ensemble_log_probabilities(a, b) for a, b in zip(out_a, out_b)]
-        return ensemble_log_probabilities(out_a, out_b)
+            return [ensemble(a, b) for a, b in zip(out_a, out_b)]
+        return ensemble(out_a, out_b)
 
     def forward_streams(self, x: torch.Tensor) -> Dict[str, dict]:
         """{'A': forward_with_features of stream A, 'B': the same for stream B} (logits, last decoder features)."""

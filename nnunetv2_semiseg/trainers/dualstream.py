@@ -15,7 +15,11 @@ Eq. 1, its parts Eq. 2-11 as rebuilt in methods.md §5 and ``losses/dualstream.p
 other, because the released code has two equal networks and no EMA (see docs/dualstream.md).
 ``nnUNetTrainerDualStream_releasedCode`` is the released code's effective gradient-bearing objective instead.
 
-The deployed network (``build_network_architecture``) returns log of the two streams' averaged softmax, so stock
+Region-based datasets (sigmoid outputs) use the per-region-channel Bernoulli forms of every unsupervised term
+(``losses/dualstream.py``) and nnU-Net's DC+BCE for the supervised and pseudo-label losses.
+
+The deployed network (``build_network_architecture``) returns log of the two streams' averaged softmax (regions: the
+logit of their averaged sigmoids), so stock
 ``nnUNetv2_predict -tr nnUNetTrainerDualStream`` predicts the ensemble. Usage:
 ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerDualStream`` (after
 ``nnUNetv2_semiseg_preprocess_unlabeled``).
@@ -91,14 +95,17 @@ class nnUNetTrainerDualStream(nnUNetTrainerComposed):
     def initialize(self):
         self.check_label_layout()
         super().initialize()
+        # The deployed ensemble must match the output layout (logit of the mean sigmoid for regions); it is saved
+        # with the weights, so nnUNetv2_predict gets it too.
+        self.unwrapped_network.use_region_ensemble(self.label_manager.has_regions)
 
     def check_label_layout(self) -> None:
-        if self.label_manager.has_regions:
+        if self.supervised == 'released' and self.label_manager.has_regions:
             raise UnsupportedLabelLayoutError(
-                f'{type(self).__name__} needs one class per voxel (softmax outputs), but this dataset is region-based '
-                f'(dataset.json has "regions_class_order"): the entropy filter, argmax pseudo-labels and per-class '
-                f'prototypes partition the voxels into classes, which overlapping sigmoid regions do not. Train on the '
-                f'plain labels (a dataset.json without regions) instead.')
+                f'{type(self).__name__} uses the released code\'s softmax CE + foreground Dice and its "confidently '
+                f'foreground" mistake mask, which need one class per voxel; this dataset is region-based '
+                f'(dataset.json has "regions_class_order"). Use nnUNetTrainerDualStream (region terms per channel, '
+                f'nnU-Net\'s DC+BCE).')
         if self.supervised == 'released' and self.label_manager.has_ignore_label:
             raise UnsupportedLabelLayoutError(
                 f'{type(self).__name__} uses the released code\'s CE + foreground Dice, which has no ignore label; '

@@ -5,15 +5,23 @@ of one stream: ``'seg'`` logits, deep-supervision list or tensor, and ``'feature
 returns one scalar. ``directions`` lists (teaching stream, learning stream) pairs: the paper's default here is
 both ``('A', 'B')`` and ``('B', 'A')``, summed; the released code's L_lurp uses ``('A', 'B')`` only (V-Net teaches
 ResNet). The formulas and their sources are in :mod:`nnunetv2_semiseg.losses.dualstream`.
+
+Region-based datasets (``context.has_regions``: sigmoid outputs, one channel per possibly overlapping region) use the
+per-channel Bernoulli forms of the same terms: the entropy filter, pseudo-labels (p >= 0.5) and reliability split are
+per region channel, the pseudo-label loss is nnU-Net's region DC+BCE, the KL and cosine compare each region's two
+probabilities (p, 1 - p), and the contrast has an inside and an outside prototype per region.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from nnunetv2_semiseg.losses.dualstream import (cosine_consistency, cross_reliable_mistake_loss,
+from nnunetv2_semiseg.losses.dualstream import (bernoulli_entropy, channelwise_high_entropy_mask,
+                                                cosine_consistency, cross_reliable_mistake_loss,
                                                 entropy_filtered_pseudo_label_loss, high_entropy_mask,
-                                                prototype_contrast_loss, uncertainty_weighted_pseudo_label_loss,
-                                                voxel_entropy)
+                                                prototype_contrast_loss, region_cosine_consistency,
+                                                region_dc_bce_loss, region_prototype_contrast_loss,
+                                                region_pseudo_labels, region_uncertainty_weighted_pseudo_label_loss,
+                                                uncertainty_weighted_pseudo_label_loss, voxel_entropy)
 from nnunetv2_semiseg.trainers.components import LossComponent, StepContext
 from nnunetv2_semiseg.trainers.ramps import sigmoid_rampup
 
@@ -45,12 +53,17 @@ def rows(context: StepContext, which: str) -> slice:
 
 def teacher_reliability(context: StepContext, teacher: str, percentile: float, which: str):
     """(pseudo-label, high-entropy mask) of the teaching stream on the given rows, without gradient; cached so the
-    pseudo-label and contrast terms of one step filter the same voxels."""
+    pseudo-label and contrast terms of one step filter the same voxels. Softmax: argmax map and voxel mask
+    (B, *spatial). Regions: p >= 0.5 and the per-channel mask, both (B, K, *spatial)."""
     key = ('reliability', teacher, percentile, which)
     if key not in context.cache:
         with torch.no_grad():
             p = stream_probabilities(context, teacher)[rows(context, which)].detach()
-            context.cache[key] = (p.argmax(1), high_entropy_mask(voxel_entropy(p), percentile))
+            if context.has_regions:
+                context.cache[key] = (region_pseudo_labels(p),
+                                      channelwise_high_entropy_mask(bernoulli_entropy(p), percentile))
+            else:
+                context.cache[key] = (p.argmax(1), high_entropy_mask(voxel_entropy(p), percentile))
     return context.cache[key]
 
 
@@ -68,7 +81,8 @@ class RampedComponent(LossComponent):
 class EntropyFilteredPseudoLabels(RampedComponent):
     """Paper Eq. 3-4: the teaching stream's argmax as pseudo-label, its highest-entropy voxels (above the
     ``percentile``-th percentile over the batch's rows) ignored, CE on the learning stream's live logits over the
-    valid voxels. Inert in the released code (detached inputs, and the filter disabled by a NaN)."""
+    valid voxels. Regions: per channel, nnU-Net's DC+BCE to p >= 0.5 over each channel's valid voxels. Inert in the
+    released code (detached inputs, and the filter disabled by a NaN)."""
     name = 'pseudo'
 
     def __init__(self, weight: float, ramp_length: Optional[float], percentile: float = 80.0,
@@ -81,12 +95,14 @@ class EntropyFilteredPseudoLabels(RampedComponent):
         for teacher, student in self.directions:
             pseudo_label, ignore = teacher_reliability(context, teacher, self.percentile, self.which_rows)
             logits = stream_logits(context, student)[rows(context, self.which_rows)]
-            total = total + entropy_filtered_pseudo_label_loss(logits, pseudo_label, ignore)
+            term = region_dc_bce_loss if context.has_regions else entropy_filtered_pseudo_label_loss
+            total = total + term(logits, pseudo_label, ignore)
         return total
 
 
 class UncertaintyWeightedPseudoLabels(RampedComponent):
-    """Paper Eq. 7-9 / released L_lurp: mean(exp(-KL) CE(learner, argmax teacher)) + mean(KL), teacher detached."""
+    """Paper Eq. 7-9 / released L_lurp: mean(exp(-KL) CE(learner, argmax teacher)) + mean(KL), teacher detached.
+    Regions: a Bernoulli KL and BCE to [p >= 0.5] per channel."""
     name = 'uncertainty'
 
     def __init__(self, weight: float, ramp_length: Optional[float], temperature: float = 0.5,
@@ -98,16 +114,19 @@ class UncertaintyWeightedPseudoLabels(RampedComponent):
 
     def loss(self, context: StepContext) -> torch.Tensor:
         selected = rows(context, self.which_rows)
+        term = region_uncertainty_weighted_pseudo_label_loss if context.has_regions \
+            else uncertainty_weighted_pseudo_label_loss
         total = 0.0
         for teacher, student in self.directions:
-            total = total + uncertainty_weighted_pseudo_label_loss(
+            total = total + term(
                 stream_logits(context, student)[selected], stream_logits(context, teacher)[selected],
                 self.temperature, self.tempered_kl)
         return total
 
 
 class CosineConsistency(RampedComponent):
-    """Paper Eq. 5-6: mean over voxels of 1 - cos(p_A, p_B) over classes; both streams receive gradient."""
+    """Paper Eq. 5-6: mean over voxels of 1 - cos(p_A, p_B) over classes; both streams receive gradient. Regions:
+    the cosine of each region's (p, 1 - p), averaged over voxels and regions."""
     name = 'consistency'
 
     def __init__(self, weight: float, ramp_length: Optional[float], which_rows: str = 'all'):
@@ -116,14 +135,17 @@ class CosineConsistency(RampedComponent):
 
     def loss(self, context: StepContext) -> torch.Tensor:
         selected = rows(context, self.which_rows)
-        return cosine_consistency(stream_probabilities(context, 'A')[selected],
+        term = region_cosine_consistency if context.has_regions else cosine_consistency
+        return term(stream_probabilities(context, 'A')[selected],
                                   stream_probabilities(context, 'B')[selected])
 
 
 class PrototypeContrast(RampedComponent):
     """Paper Eq. 10-11 on the learning stream's last decoder features (the released code's x9 embedding):
     prototypes = mean embedding of the teaching stream's reliable (low-entropy) voxels per pseudo-class; uncertain
-    voxels pulled to their class prototype; prototypes pushed apart (``separation_weight`` times). Inert in the
+    voxels pulled to their class prototype; prototypes pushed apart (``separation_weight`` times). Regions: an
+    inside and an outside prototype per region channel from that channel's reliable voxels, averaged over regions.
+    Inert in the
     released code (computed under no_grad, and with the prototype distance added instead of subtracted)."""
     name = 'contrast'
 
@@ -139,7 +161,10 @@ class PrototypeContrast(RampedComponent):
         for teacher, student in self.directions:
             labels, uncertain = teacher_reliability(context, teacher, self.percentile, self.which_rows)
             embeddings = context.out[student]['features'][rows(context, self.which_rows)]
-            pull, separation = prototype_contrast_loss(embeddings, labels, ~uncertain, self.num_classes)
+            if context.has_regions:
+                pull, separation = region_prototype_contrast_loss(embeddings, labels, ~uncertain)
+            else:
+                pull, separation = prototype_contrast_loss(embeddings, labels, ~uncertain, self.num_classes)
             total = total + pull + self.separation_weight * separation
         return total
 
