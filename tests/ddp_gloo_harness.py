@@ -1,0 +1,132 @@
+"""Run nnU-Net's own DDP entry (``nnunetv2.run.run_training.run_ddp``) on CPU: gloo instead of NCCL, 2 processes.
+
+Patched, in the spawned ranks only, are device selection and the backend, nothing of this package:
+
+* ``run_training.setup_ddp`` initialises a gloo group (once: several trainers run one after another in the same
+  ranks, so the group outlives one ``run_ddp`` call and ``cleanup_ddp`` is deferred to the end of the worker);
+* ``torch.cuda.set_device`` is a no-op and the trainer's device is ``cpu`` (``nnUNetTrainer.__init__`` hard-codes
+  ``cuda:<rank>`` under DDP; its CUDA GradScaler goes with it);
+* ``DistributedDataParallel(..., device_ids=[rank])`` drops ``device_ids`` for CPU modules (torch refuses them).
+
+Everything else is read-only spying: which cases each loader drew, which files ``torch.save`` wrote, the trainer
+object ``run_ddp`` built (to read its state after training). Each rank writes ``<trainer>.rank<r>.pt`` with what it
+saw; the test compares the ranks.
+"""
+import hashlib
+import os
+import traceback
+from datetime import timedelta
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _to_cpu(obj):
+    """A state dict (nested dicts/lists of tensors and numbers) detached onto the CPU, for comparing ranks."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def install_patches(spy: Dict[str, list]) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+    from nnunetv2.run import run_training
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader
+
+    def setup_ddp(rank, world_size):
+        if not dist.is_initialized():
+            # a short timeout: a rank that fails must not leave the other one waiting in a collective for 30 min
+            dist.init_process_group('gloo', rank=rank, world_size=world_size, timeout=timedelta(seconds=240))
+
+    run_training.setup_ddp = setup_ddp
+    run_training.cleanup_ddp = lambda: None
+    torch.cuda.set_device = lambda *_a, **_k: None
+
+    original_ddp_init = DistributedDataParallel.__init__
+
+    def ddp_init(self, module, device_ids=None, *args, **kwargs):
+        if all(p.device.type == 'cpu' for p in module.parameters()):
+            device_ids = None
+        original_ddp_init(self, module, device_ids, *args, **kwargs)
+
+    DistributedDataParallel.__init__ = ddp_init
+
+    original_get_trainer = run_training.get_trainer_from_args
+
+    def get_trainer_from_args(*args, **kwargs):
+        kwargs['device'] = torch.device('cpu')
+        trainer = original_get_trainer(*args, **kwargs)
+        trainer.device = torch.device('cpu')
+        trainer.grad_scaler = None
+        spy['trainer'].append(trainer)
+        return trainer
+
+    run_training.get_trainer_from_args = get_trainer_from_args
+
+    def spying(cls, key):
+        original = cls.generate_train_batch
+
+        def generate_train_batch(self):
+            batch = original(self)
+            spy[key].append((list(batch['keys']), tuple(batch['data'].shape)))
+            return batch
+        cls.generate_train_batch = generate_train_batch
+
+    spying(nnUNetDataLoader, 'labeled')
+    spying(UnlabeledDataLoader, 'unlabeled')   # a subclass: its own override is wrapped as well
+
+    original_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            spy['saved'].append(os.fspath(f))
+        return original_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def trainer_report(trainer, spy: Dict[str, list]) -> dict:
+    from nnunetv2_semiseg.trainers.semi_supervised import unwrap_network
+    return {
+        'network': _to_cpu(unwrap_network(trainer.network).state_dict()),
+        'semiseg': _to_cpu(trainer.semiseg_state()),
+        'batch_size': trainer.batch_size,
+        'unlabeled_batch_size_per_rank': trainer.unlabeled_batch_size_per_rank,
+        'labeled': list(spy['labeled']),
+        'unlabeled': list(spy['unlabeled']),
+        'saved': list(spy['saved']),
+        'global_iteration': trainer.global_iteration,
+    }
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str, dataset_id: int, plans: str,
+           configuration: str, trainers: List[str]) -> None:
+    os.environ['MASTER_ADDR'] = '127.0.0.1'
+    os.environ['MASTER_PORT'] = str(port)
+    torch.set_num_threads(1)
+    spy = {'trainer': [], 'labeled': [], 'unlabeled': [], 'saved': []}
+    install_patches(spy)
+    from nnunetv2.run import run_training
+    try:
+        for name in trainers:
+            for v in spy.values():
+                v.clear()
+            try:
+                # the real DDP entry: trainer lookup, initialize (DDP wrap), run_training, final validation
+                run_training.run_ddp(rank, dataset_id, configuration, 0, name, plans, False, False, False, None,
+                                     False, False, world_size)
+                report = trainer_report(spy['trainer'][0], spy)
+            except Exception:
+                report = {'error': traceback.format_exc()}
+            torch.save(report, os.path.join(out_dir, f'{name}.rank{rank}.pt'))
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
