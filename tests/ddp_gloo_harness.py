@@ -75,7 +75,8 @@ def install_patches(spy: Dict[str, list]) -> None:
 
         def generate_train_batch(self):
             batch = original(self)
-            spy[key].append((list(batch['keys']), tuple(batch['data'].shape)))
+            spy[key].append((list(batch['keys']), tuple(batch['data'].shape),
+                             hashlib.sha1(batch['data'].numpy().tobytes()).hexdigest()[:12]))
             return batch
         cls.generate_train_batch = generate_train_batch
 
@@ -106,8 +107,27 @@ def trainer_report(trainer, spy: Dict[str, list]) -> dict:
     }
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str, dataset_id: int, plans: str,
-           configuration: str, trainers: List[str]) -> None:
+def gathered_statistics(rank: int) -> dict:
+    """The cross-rank statistics, computed by the package's functions on per-rank inputs of different sizes, plus
+    the inputs (the test recomputes them in one process on the concatenation)."""
+    from nnunetv2_semiseg.losses.prototypes import gather_selected_across_ranks, select_prototypes
+    from nnunetv2_semiseg.networks.flpm import batch_spread, instance_statistics
+    generator = torch.Generator().manual_seed(7)
+    # the same draws on every rank; each rank keeps its own slice: rank 0 two samples, rank 1 one
+    features = torch.randn(3, 4, 5, 6, 6, generator=generator)
+    candidates, scores = torch.randn(7, 4, generator=generator), torch.rand(7, generator=generator)
+    rows = slice(0, 2) if rank == 0 else slice(2, 3)
+    candidate_rows = slice(0, 4) if rank == 0 else slice(4, 7)
+    mean, std = instance_statistics(features[rows])
+    kept, kept_scores = select_prototypes(candidates[candidate_rows], scores[candidate_rows], 3)
+    memory = select_prototypes(*gather_selected_across_ranks(kept, kept_scores, 3), 3)
+    return {'spread': (batch_spread(mean), batch_spread(std)), 'memory': memory, 'own_selection': kept,
+            'inputs': (features, candidates, scores)}
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str, dataset_id: str, plans: str,
+           configuration: str, runs: List[tuple]) -> None:
+    """``runs``: (trainer name, continue_training, report name) in order, all in this one process group."""
     os.environ['MASTER_ADDR'] = '127.0.0.1'
     os.environ['MASTER_PORT'] = str(port)
     torch.set_num_threads(1)
@@ -115,18 +135,20 @@ def worker(rank: int, world_size: int, port: int, out_dir: str, dataset_id: int,
     install_patches(spy)
     from nnunetv2.run import run_training
     try:
-        for name in trainers:
+        for name, continue_training, report_name in runs:
             for v in spy.values():
                 v.clear()
             try:
-                # the real DDP entry: trainer lookup, initialize (DDP wrap), run_training, final validation
-                run_training.run_ddp(rank, dataset_id, configuration, 0, name, plans, False, False, False, None,
-                                     False, False, world_size)
+                # the real DDP entry: trainer lookup, --c checkpoint loading, initialize (DDP wrap),
+                # run_training, final validation
+                run_training.run_ddp(rank, dataset_id, configuration, 0, name, plans, False, continue_training,
+                                     False, None, False, False, world_size)
                 report = trainer_report(spy['trainer'][0], spy)
             except Exception:
                 report = {'error': traceback.format_exc()}
-            torch.save(report, os.path.join(out_dir, f'{name}.rank{rank}.pt'))
+            torch.save(report, os.path.join(out_dir, f'{report_name}.rank{rank}.pt'))
             dist.barrier()
+        torch.save(gathered_statistics(rank), os.path.join(out_dir, f'statistics.rank{rank}.pt'))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

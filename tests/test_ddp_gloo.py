@@ -1,20 +1,35 @@
 """nnU-Net's real multi-GPU path (``nnUNetv2_train ... -num_gpus 2`` = ``run_ddp`` in 2 spawned ranks) for every
-trainer, on CPU with gloo (see ``tests/ddp_gloo_harness.py`` for the only things patched: backend and device).
+trainer, on CPU with gloo (``tests/ddp_gloo_harness.py`` says what is patched: the backend and the device only).
 
-One spawn of 2 ranks runs all trainers one after another (1 epoch of 2 iterations each, tiny plans) and the test
-then compares what the ranks saw."""
+One spawn of 2 ranks runs all trainers one after another (1 epoch of 2 iterations each, tiny plans), then resumes
+one of them with ``--c``; the tests compare what the ranks saw.
+
+Batch split under DDP (what the batch-size test pins down): nnU-Net divides the plans' global batch size over the
+ranks (the first ``global % world`` ranks get one more sample) and re-derives foreground oversampling per rank. The
+unlabeled batch is ``unlabeled_batch_size`` split the same way, or, when it is None, the rank's labeled share. The
+tiny plans have batch size 2, so each of the 2 ranks trains on 1 labeled and 1 unlabeled patch per step.
+
+``nnUNet_semiseg_seed`` is set for the run: a repeatable run must still give every rank its own draws."""
 import os
+import shutil
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import Workspace
 from ddp_gloo_harness import worker
 
-TRAINERS = ['nnUNetTrainerMeanTeacher']
+TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerFLPM',
+            'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerDualStream', 'nnUNetTrainerBCP']
+# trainers with state besides the step counter in checkpoint['semiseg'] (FLPM and DualStream keep everything in
+# the network)
+STATEFUL = {'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerBCP'}
+RESUMED = 'nnUNetTrainerBCP'      # the trainer with the most extra state (phase, teacher, mask seed)
 WORLD = 2
 ITERATIONS = 2
+PLANS_BATCH_SIZE = 2
 
 
 def _free_port() -> int:
@@ -41,36 +56,98 @@ def _differences(a, b, path=''):
 
 
 @pytest.fixture(scope='module')
-def ddp_reports(tiny_dataset, tmp_path_factory):
-    import shutil
+def ddp_run(tiny_dataset, tmp_path_factory):
     base = str(tmp_path_factory.mktemp('ddp_ws'))
     for sub in ('nnUNet_raw', 'nnUNet_preprocessed'):
         shutil.copytree(os.path.join(tiny_dataset.base, sub), os.path.join(base, sub), symlinks=True)
     os.makedirs(os.path.join(base, 'nnUNet_results'))
-    from conftest import Workspace
     ws = Workspace(base)
     out = tmp_path_factory.mktemp('ddp_reports')
-    env = ws.train_env(epochs=1, iterations=ITERATIONS, val_iterations=1)
+    env = {k: v for k, v in ws.train_env(epochs=1, iterations=ITERATIONS, val_iterations=1).items()
+           if k.startswith('nnUNet')}
+    env['nnUNet_semiseg_seed'] = '1234'
+    runs = [(name, False, name) for name in TRAINERS] + [(RESUMED, True, RESUMED + '_resumed')]
     saved_env = dict(os.environ)
-    os.environ.update({k: v for k, v in env.items() if k.startswith('nnUNet')})   # inherited by the spawned ranks
+    os.environ.update(env)   # inherited by the spawned ranks
     try:
-        mp.spawn(worker, args=(WORLD, _free_port(), str(out), str(ws.dataset_id), ws.plans, '3d_fullres', TRAINERS),
+        mp.spawn(worker, args=(WORLD, _free_port(), str(out), str(ws.dataset_id), ws.plans, '3d_fullres', runs),
                  nprocs=WORLD, join=True)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
     reports = {}
-    for name in TRAINERS:
+    for _, _, name in runs:
         reports[name] = [torch.load(out / f'{name}.rank{r}.pt', weights_only=False) for r in range(WORLD)]
         for r, rep in enumerate(reports[name]):
             assert 'error' not in rep, f'{name} rank {r}:\n{rep["error"]}'
-    return ws, reports
+    statistics = [torch.load(out / f'statistics.rank{r}.pt', weights_only=False) for r in range(WORLD)]
+    return ws, reports, statistics
 
 
 @pytest.mark.parametrize('name', TRAINERS)
-def test_weights_and_method_state_identical_across_ranks(ddp_reports, name):
-    _, reports = ddp_reports
+def test_weights_and_method_state_identical_across_ranks(ddp_run, name):
+    """Student (with DualStream's two streams and SS-Net's/FLPM's heads), and checkpoint['semiseg']: EMA teachers,
+    SS-Net's prototype memory, BCP's phase, teacher and mask seed, the voxel discriminator and its Adam."""
+    _, reports, _ = ddp_run
     r0, r1 = reports[name]
     assert r0['global_iteration'] == r1['global_iteration'] == ITERATIONS
     assert _differences(r0['network'], r1['network'], 'network') == []
     assert _differences(r0['semiseg'], r1['semiseg'], 'semiseg') == []
+    if name in STATEFUL:   # the method state was really compared, not just the step counter
+        assert len(r0['semiseg']) > 1
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_per_rank_batches_are_the_ddp_split_and_differ_between_ranks(ddp_run, name):
+    _, reports, _ = ddp_run
+    for rep in reports[name]:
+        assert rep['batch_size'] == PLANS_BATCH_SIZE // WORLD
+        assert rep['unlabeled_batch_size_per_rank'] == PLANS_BATCH_SIZE // WORLD
+        # the loader's warm-up batch + one per iteration, each of the per-rank size
+        assert [shape[0] for _, shape, _ in rep['unlabeled']] == [PLANS_BATCH_SIZE // WORLD] * (ITERATIONS + 1)
+        assert {shape[0] for _, shape, _ in rep['labeled']} == {PLANS_BATCH_SIZE // WORLD}
+    r0, r1 = reports[name]
+    # no step trains on a copy of the other rank's unlabeled patch, and the labeled draws are not in lockstep
+    assert all(a[2] != b[2] for a, b in zip(r0['unlabeled'], r1['unlabeled']))
+    assert [k for k, _, _ in r0['labeled']] != [k for k, _, _ in r1['labeled']]
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_rank_zero_alone_writes_the_checkpoint(ddp_run, name):
+    ws, reports, _ = ddp_run
+    r0, r1 = reports[name]
+    assert r1['saved'] == []
+    fold = os.path.join(ws.model_folder(name), 'fold_0')
+    assert os.path.join(fold, 'checkpoint_final.pth.tmp') in r0['saved']
+    checkpoint = torch.load(os.path.join(fold, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
+    assert _differences(checkpoint['network_weights'], r0['network'], 'network_weights') == []
+
+
+def test_resume_with_c_in_two_ranks_restores_the_checkpoint_on_every_rank(ddp_run):
+    """``--c`` after the final epoch: both ranks load checkpoint_final (written by rank 0 alone) and hold exactly
+    the state rank 0 trained, including the per-rank-drawn parts made common (BCP's mask seed)."""
+    _, reports, _ = ddp_run
+    trained = reports[RESUMED][0]
+    for rep in reports[RESUMED + '_resumed']:
+        assert rep['global_iteration'] == ITERATIONS
+        assert _differences(rep['network'], trained['network'], 'network') == []
+        assert _differences(rep['semiseg'], trained['semiseg'], 'semiseg') == []
+    assert reports[RESUMED + '_resumed'][1]['saved'] == []
+
+
+def test_gathered_statistics_equal_one_process_on_the_concatenated_batch(ddp_run):
+    """FLPM's batch spread and SS-Net's memory selection see the global batch: ranks holding 2 and 1 samples give
+    what one process (this one: no process group, the single-GPU code path) gives on all 3. The DualStream entropy
+    percentile, by contrast, is per rank by design (README, Multi-GPU)."""
+    from nnunetv2_semiseg.losses.prototypes import select_prototypes
+    from nnunetv2_semiseg.networks.flpm import batch_spread, instance_statistics
+    _, _, statistics = ddp_run
+    features, candidates, scores = statistics[0]['inputs']
+    mean, std = instance_statistics(features)
+    single_rows, single_scores = select_prototypes(candidates, scores, 3)
+    for s in statistics:
+        for got, expected in zip(s['spread'], (batch_spread(mean), batch_spread(std))):
+            assert torch.allclose(got, expected, atol=1e-6) and bool((expected > 0).all())
+        assert torch.equal(s['memory'][0], single_rows) and torch.equal(s['memory'][1], single_scores)
+    # a rank alone would have had another memory: rank 1's single candidates are not the global top 3
+    assert not torch.equal(statistics[1]['own_selection'], single_rows)

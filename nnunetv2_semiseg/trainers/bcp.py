@@ -46,6 +46,12 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
         self.copy_paste = BidirectionalCopyPaste(self.mask_beta, self.u_weight, self.keep_largest_component,
                                                  self.bidirectional, self.mask_seed)
         self.copy_paste.use_loss_pieces(**self.supervised_loss_pieces())
+        if self.is_ddp:
+            # One seed for all ranks (the rank is a separate key of every draw, so the masks still differ): only
+            # rank 0 writes the checkpoint, and a resumed rank must get back the seed it drew its masks from.
+            seed = [self.copy_paste.masks.seed]
+            dist.broadcast_object_list(seed, src=0)
+            self.copy_paste.masks.seed = int(seed[0])
         # Built from the unwrapped, rank-synchronised student; initialised from it again at the phase switch.
         self.teacher = BCPTeacher(self.unwrapped_network, self.ema_decay).to(self.device)
 

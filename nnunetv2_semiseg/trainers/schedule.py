@@ -8,6 +8,7 @@ additionally honour these variables so one trained class can be run on any sched
     nnUNet_semiseg_val_iterations_per_epoch    -> num_val_iterations_per_epoch
 
     nnUNet_semiseg_seed                        -> seeds python, numpy and torch at trainer construction
+                                                  (under DDP rank r uses seed + r)
     nnUNet_semiseg_skip_final_validation=1     -> no final validation after training (quick smoke runs; an
                                                   explicit ``--val`` run without the variable validates as usual)
     nnUNet_semiseg_snapshot_epochs=15,25       -> also keep ``checkpoint_epoch<N>.pth`` after epoch N (1-based),
@@ -55,7 +56,9 @@ def apply_schedule_overrides(trainer) -> None:
     snapshot_epochs()  # a malformed snapshot list fails here, before any training
     seed = os.environ.get('nnUNet_semiseg_seed')
     if seed is not None and seed.strip() != '':
-        seed_everything(int(seed))
+        # Offset by the DDP rank: with one seed everywhere every rank would draw the same cases and augmentations,
+        # so a 2-GPU run would train twice on one batch instead of on two.
+        seed_everything(int(seed) + (trainer.local_rank if trainer.is_ddp else 0))
     # A checkpoint_latest more often than the run is long would never be written; keep nnU-Net's default else.
     trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs))
 
