@@ -2,7 +2,8 @@
 
 The component classes are found by walking ``LossComponent``'s subclasses after importing every trainer module, so a
 new component is covered (or fails ``test_every_component_can_be_built``) without editing this file's pair list.
-For each pair (a class with itself included), the expected outcome is derived here from the classes' declared attributes:
+For each pair (a class with itself included), the expected outcome is derived here from the classes' declared
+attributes:
 
 * refused when the trainer is built (``ComponentConflictError``, message checked) if one of the two declares an
   ``exclusive_reason``, if they read different ``output_layout``\\ s (one network vs two streams), or if they share
@@ -12,12 +13,14 @@ For each pair (a class with itself included), the expected outcome is derived he
   terms, one ``train_step`` runs, and a checkpoint saved after it restores, in a freshly built trainer, the network
   and every component's state so exactly that the next step's terms are the same.
 
-Seeds: each component's ``loss`` is wrapped to re-seed torch's generator with a value of its own class first, so
-its random draws (VAT directions, FLPM epsilons, voxel samples, teacher noise) do not depend on which other
-component ran before it in the step. Components that need another component's teacher (voxel-adversarial
-alignment, BYOL voxel features) share one hidden EMA teacher per trainer, as ``nnUNetTrainerVoxelAdversarial`` does;
-it is not listed as a component, so it is neither updated nor saved, and both trainers start from the same seed; it has no input noise (see ``_voxel_teacher``). Before each computation
-the network (buffers included) and every component's state are restored to the same snapshot.
+"Alone" is the same trainer with only that component in ``loss_components``; before each computation the network
+(buffers included: the SS-Net heads' BatchNorm statistics change with every training forward) and every
+component's state are restored to one snapshot. Seeds: each component's ``loss`` is wrapped to re-seed torch's
+generator with a value of its own class first, so its random draws (VAT directions, FLPM epsilons, voxel samples,
+teacher noise) do not depend on which other component ran before it in the step. Components that need another
+component's teacher (voxel-adversarial alignment, BYOL voxel features) share one hidden EMA teacher per trainer, as
+``nnUNetTrainerVoxelAdversarial`` does; it is not listed as a component, so it is neither updated nor saved (both
+trainers of a checkpoint round trip start from the same seed), and it has no input noise (see ``_voxel_teacher``).
 """
 import copy
 import importlib
