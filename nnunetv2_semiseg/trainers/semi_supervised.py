@@ -33,11 +33,15 @@ from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describ
                                                         read_record, unlabeled_folder_name)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+from nnunetv2_semiseg.trainers import pretrained_weights
 from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resume_trainer,
                                                   describe_non_finite_weights, non_finite_tensors)
 from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
                                                 save_snapshot_if_requested)
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
+
+
+pretrained_weights.install()  # routes -pretrained_weights of nnUNetv2_train to load_pretrained_weights below
 
 
 class MissingUnlabeledDataError(RuntimeError):
@@ -106,6 +110,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     @property
     def unwrapped_network(self) -> SemiSegNetwork:
         return unwrap_network(self.network)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # nnUNetv2_train -pretrained_weights (nnU-Net's loader rejects the heads; see trainers/pretrained_weights.py)
+    def load_pretrained_weights(self, filename: str) -> None:
+        pretrained_weights.load_pretrained_weights_into_trainer(self, filename)
 
     # ----------------------------------------------------------------------------------------------------------
     # data
