@@ -317,6 +317,49 @@ def read_record(folder: str) -> Optional[dict]:
         return json.load(f)
 
 
+def raw_unlabeled_case_ids(raw_dataset_folder: str, file_ending: str) -> Optional[set]:
+    """Case IDs of the ``CASE_XXXX<file_ending>`` files in ``imagesUnlabeled/`` (None if the folder is absent).
+    Lenient on purpose: misnamed files are the preprocessing command's to report, not training's."""
+    folder = os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)
+    if not os.path.isdir(folder):
+        return None
+    pattern = re.compile(r'(.+)_\d{4}' + re.escape(file_ending) + r'$')
+    return {m.group(1) for m in map(pattern.match, os.listdir(folder)) if m}
+
+
+def _first_names(ids, limit: int = 8) -> str:
+    ids = sorted(ids)
+    shown = ', '.join(ids[:limit])
+    return shown + (f' ... ({len(ids) - limit} more)' if len(ids) > limit else '')
+
+
+def unlabeled_set_mismatch(preprocessed_folder: str, raw_dataset_folder: str, file_ending: str,
+                           command: str) -> Optional[str]:
+    """One-line warning when ``imagesUnlabeled/`` holds other cases than the preprocessed folder (images added or
+    removed after ``nnUNetv2_semiseg_preprocess_unlabeled``): training would silently use the old set. None when
+    they match, or when either side cannot be compared (raw folder not on this machine, record without IDs)."""
+    record = read_record(preprocessed_folder)
+    if not record or 'case_ids' not in record:
+        return None
+    raw_ids = raw_unlabeled_case_ids(raw_dataset_folder, file_ending)
+    if raw_ids is None:
+        return None
+    preprocessed_ids = set(record['case_ids'])
+    not_preprocessed, removed = raw_ids - preprocessed_ids, preprocessed_ids - raw_ids
+    if not not_preprocessed and not removed:
+        return None
+    parts = []
+    if not_preprocessed:
+        parts.append(f'{len(not_preprocessed)} case(s) in imagesUnlabeled/ are not preprocessed '
+                     f'({_first_names(not_preprocessed)})')
+    if removed:
+        parts.append(f'{len(removed)} preprocessed case(s) are no longer in imagesUnlabeled/ '
+                     f'({_first_names(removed)})')
+    return (f"{os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)} changed since {preprocessed_folder} was "
+            f"preprocessed ({record.get('created', 'date unknown')}): {'; '.join(parts)}. This training uses the "
+            f"preprocessed set as it is; to train on the current images, stop and re-run: {command}")
+
+
 TEMP_INFIX, OLD_INFIX = '.tmp_', '.old_'
 
 

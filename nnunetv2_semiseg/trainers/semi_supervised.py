@@ -30,7 +30,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describe_differences,
                                                         preprocessing_fingerprint, preprocessing_settings,
-                                                        read_record, unlabeled_folder_name)
+                                                        read_record, unlabeled_folder_name, unlabeled_set_mismatch)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
 from nnunetv2_semiseg.trainers import pretrained_weights
@@ -153,6 +153,17 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f'{"is missing" if record is None else "names other preprocessing"}{differences}. Re-create it '
                 f'with:\n    '
                 f'{self.preprocess_unlabeled_command()} --overwrite')
+        self.warn_if_unlabeled_set_changed()
+
+    def warn_if_unlabeled_set_changed(self) -> None:
+        # Images added to (or removed from) imagesUnlabeled/ after preprocessing would otherwise go unnoticed.
+        from nnunetv2.paths import nnUNet_raw
+        if nnUNet_raw:
+            warning = unlabeled_set_mismatch(self.unlabeled_folder,
+                                             os.path.join(nnUNet_raw, self.plans_manager.dataset_name),
+                                             self.dataset_json['file_ending'], self.preprocess_unlabeled_command())
+            if warning:
+                self.print_to_log_file(f'WARNING: {warning}')
 
     def get_unlabeled_dataloader(self):
         if self.is_cascaded:
