@@ -363,6 +363,37 @@ def unlabeled_set_mismatch(preprocessed_folder: str, raw_dataset_folder: str, fi
 TEMP_INFIX, OLD_INFIX = '.tmp_', '.old_'
 
 
+def known_datasets() -> List[str]:
+    """DatasetXXX_Name folders in nnUNet_raw and nnUNet_preprocessed (for the 'not found' message)."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    names = set()
+    for root in (nnUNet_raw, nnUNet_preprocessed):
+        if root and os.path.isdir(root):
+            names.update(d for d in os.listdir(root) if re.match(r'Dataset\d{3}_', d))
+    return sorted(names)
+
+
+def resolve_dataset_name(dataset_name_or_id) -> str:
+    """nnU-Net's ``maybe_convert_to_dataset_name`` with a one-line error (it raises a multi-line RuntimeError or a
+    ValueError, and the command showed a traceback)."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        name = str(maybe_convert_to_dataset_name(dataset_name_or_id))
+    except (RuntimeError, ValueError):
+        name = None
+    # nnU-Net returns a DatasetXXX_Name unchecked: it must exist somewhere too.
+    if name is None or not any(os.path.isdir(os.path.join(root, name)) for root in (nnUNet_raw, nnUNet_preprocessed)
+                               if root):
+        available = known_datasets()
+        raise UnlabeledPreprocessingError(
+            f"Dataset '{dataset_name_or_id}' not found in nnUNet_raw ({nnUNet_raw}) or nnUNet_preprocessed "
+            f"({nnUNet_preprocessed}). Pass -d with a dataset ID or a DatasetXXX_Name "
+            + (f"(present: {', '.join(available)})" if available else '(none is present there)')
+            + ", or set nnUNet_raw / nnUNet_preprocessed to the folders that hold it.")
+    return name
+
+
 def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str = 'nnUNetPlans',
                          num_processes: int = 1, overwrite_other_plans: bool = False, verbose: bool = True,
                          allow_test_ids: bool = False) -> str:
@@ -372,14 +403,13 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise UnlabeledPreprocessingError(f'num_processes (-np) must be an integer >= 1, got {num_processes!r}.')
     if not nnUNet_raw or not nnUNet_preprocessed:
         raise UnlabeledPreprocessingError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s '
                                           'documentation on setting up paths).')
-    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    dataset_name = resolve_dataset_name(dataset_name_or_id)
     preprocessed_base = os.path.join(nnUNet_preprocessed, dataset_name)
     plans_file = os.path.join(preprocessed_base, plans_name + '.json')
     if not os.path.isfile(plans_file):
