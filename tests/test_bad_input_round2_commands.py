@@ -25,3 +25,17 @@ def test_preprocess_unlabeled_unknown_dataset_is_one_line(tmp_path, monkeypatch,
         f"ERROR: Dataset '{dataset}' not found in nnUNet_raw ({tmp_path / 'nnUNet_raw'}) or nnUNet_preprocessed "
         f"({tmp_path / 'nnUNet_preprocessed'}). Pass -d with a dataset ID or a DatasetXXX_Name (present: "
         f"Dataset005_Prostate), or set nnUNet_raw / nnUNet_preprocessed to the folders that hold it.\n")
+
+
+def test_broken_link_among_unlabeled_images_is_named_with_its_target(tmp_path):
+    raw = tmp_path / 'Dataset901_X'
+    folder = raw / 'imagesUnlabeled'
+    os.makedirs(folder)
+    (folder / 'unl_000_0000.nii.gz').write_bytes(b'')
+    os.symlink('../../moved/unl_001_0000.nii.gz', folder / 'unl_001_0000.nii.gz')
+    with pytest.raises(preprocess_unlabeled.UnlabeledPreprocessingError) as info:
+        preprocess_unlabeled.find_unlabeled_cases(str(raw), {'file_ending': '.nii.gz', 'channel_names': {'0': 'MR'}})
+    assert str(info.value) == (
+        f"{folder / 'unl_001_0000.nii.gz'} is a broken symbolic link: it points to ../../moved/unl_001_0000.nii.gz "
+        f"({tmp_path / 'moved' / 'unl_001_0000.nii.gz'}), which does not exist. Mount or restore the target, "
+        f"re-create the link, or remove it from imagesUnlabeled/.")

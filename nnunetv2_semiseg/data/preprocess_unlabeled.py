@@ -103,6 +103,15 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
         path = os.path.join(folder, name)
         if name.startswith('.') or os.path.isdir(path):
             continue
+        if os.path.islink(path) and not os.path.exists(path):
+            # Reading it would fail like a truncated file; the cause is a moved or unmounted target.
+            target = os.readlink(path)
+            resolved = os.path.normpath(os.path.join(folder, target))
+            raise UnlabeledPreprocessingError(
+                f"{path} is a broken symbolic link: it points to {target}"
+                + (f" ({resolved})" if resolved != target else '')
+                + ", which does not exist. Mount or restore the target, re-create the link, or remove it from "
+                  f"{UNLABELED_RAW_FOLDER}/.")
         if not name.endswith(file_ending):
             raise UnlabeledPreprocessingError(
                 f"{path}: file ending does not match the dataset's file_ending '{file_ending}' (dataset.json). "
