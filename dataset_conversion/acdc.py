@@ -114,7 +114,14 @@ def find_patients(input_folder: Path, fmt: str) -> tuple[str, dict[str, Path]]:
                 # a patient folder of the NIfTI release holds Info.cfg or at least one frame file
                 if d.is_dir() and PATIENT_RE.match(d.name) and (
                         (d / "Info.cfg").is_file() or any(d.glob(f"{d.name}_frame*.nii.gz"))):
-                    patients.setdefault(d.name, d)
+                    first = patients.setdefault(d.name, d)
+                    # The same patient in two folders (training/ and testing/, or two unpacked copies): which copy
+                    # is meant is unknowable, and taking the first silently could mix test data into training.
+                    if first != d and first.resolve() != d.resolve():
+                        raise ConversionError(
+                            f"Patient {d.name} is present twice: {first} and {d}. Remove or rename one copy (the "
+                            f"release has training/patient001..100 and testing/patient101..150), or point -i at "
+                            f"the folder that holds the copy you want.")
         if patients:
             return "nifti", patients
     if fmt in ("auto", "h5"):
