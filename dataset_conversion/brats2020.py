@@ -33,7 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
-    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_ids_known,
+    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_finite_voxels,
+    check_ids_known,
     check_image_integrity, check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list,
     output_paths, parallel_map, read_id_list, spacing_outlier_warnings, resolve_output_root, resolve_split, run_main,
     write_dataset_json, write_json, write_split_manifest)
@@ -189,6 +190,7 @@ def convert_case(job: dict) -> dict:
             raise ConversionError(f'case {case_id}: cannot read {path} ({e}). Re-download the case.') from e
         if img.GetDimension() != 3:
             raise ConversionError(f'case {case_id}: {path} is {img.GetDimension()}D, expected a 3D volume.')
+        check_finite_voxels(img, case_id, path)
         if reference is None:
             reference = img
         elif not _same_grid(reference, img):

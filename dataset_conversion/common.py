@@ -430,6 +430,23 @@ def check_image_integrity(path, case_id: str) -> None:
         raise ConversionError(f"Case {case_id}: {e} Re-download it or exclude the case from the lists.") from None
 
 
+def check_finite_voxels(image, case_id: str, source) -> None:
+    """Refuse NaN / Inf voxels (h5 and NRRD keep them): nnU-Net's normalisation would turn the whole case into NaN
+    and training would diverge. ``image``: numpy array or SimpleITK image. Same counts as the unlabeled
+    preprocessing's check (``nnunetv2_semiseg.data.preprocess_unlabeled.count_non_finite_array``)."""
+    from nnunetv2_semiseg.data.preprocess_unlabeled import count_non_finite_array
+    if not isinstance(image, np.ndarray):
+        import SimpleITK as sitk
+        image = sitk.GetArrayViewFromImage(image)
+    counts = count_non_finite_array(image)
+    if counts is None or counts[0] + counts[1] == 0:
+        return
+    nan, inf, total = counts
+    raise ConversionError(f"Case {case_id}: {source} holds {nan + inf} non-finite voxel(s) of {total} ({nan} NaN, "
+                          f"{inf} Inf); nnU-Net's normalisation would make the whole case NaN. Replace them in the "
+                          f"source (e.g. with the background value) or exclude the case from the lists.")
+
+
 # A case's spacing is "far" from the labeled cases' when it lies outside [smallest / 2, largest * 2] on some axis
 # (same rule as nnunetv2_semiseg's unlabeled preprocessing): the usual scanner spread passes, a wrong header does not.
 SPACING_FACTOR = 2.0

@@ -143,6 +143,8 @@ def convert_case(task: CaseTask) -> dict:
     need_label = task.role != common.ROLE_UNLABELED
     loader = _load_h5 if task.fmt == "h5" else _load_nrrd
     image, label, spacing, origin, direction = loader(task, need_label)
+    common.check_finite_voxels(image, task.case_id,
+                               Path(task.case_folder) / (H5_FILE if task.fmt == "h5" else RAW_IMAGE_FILE))
     image_path, label_path = common.output_paths(task.out_folder, task.role, task.case_id)
     common.write_nifti(image, image_path, spacing, origin, direction)
     if label_path is not None:

@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
-    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_image_integrity,
+    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_finite_voxels,
+    check_image_integrity,
     check_label_values, check_labeled_in_train, spacing_outlier_warnings, dataset_folder_name, load_packaged_list,
     output_paths, parallel_map, read_h5, read_id_list, resolve_output_root, resolve_split, run_main,
     write_dataset_json, write_nifti, write_split_manifest)
@@ -230,12 +231,14 @@ def convert_case(job: dict) -> dict:
     note = warning = ''
     if job['format'] == 'h5':
         image, label = read_h5_case(Path(job['h5']), case_id, need_label)
+        check_finite_voxels(image, case_id, job['h5'])
         spacing, origin, direction = (1.0, 1.0, 1.0), None, None
     else:
         import SimpleITK as sitk
         img, lab, note = read_dicom_case(Path(job['dicom']), Path(job['label']) if need_label else None,
                                          case_id, job['label_geometry'])
         image = sitk.GetArrayFromImage(img)
+        check_finite_voxels(image, case_id, job['dicom'])  # before the int16 cast turns NaN into garbage
         # HU of CT fit int16; the series reader returns float when RescaleSlope is not 1.
         image = np.round(image).astype(np.int16) if np.issubdtype(image.dtype, np.floating) else image.astype(np.int16)
         label = _binary_label(sitk.GetArrayFromImage(lab), case_id, job['label']) if lab is not None else None

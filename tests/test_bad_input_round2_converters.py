@@ -21,3 +21,45 @@ def test_acdc_patient_in_training_and_testing_is_refused_naming_both(tmp_path):
         f"Patient patient002 is present twice: {root / 'training' / 'patient002'} and {copy}. Remove or rename one "
         f"copy (the release has training/patient001..100 and testing/patient101..150), or point -i at the folder "
         f"that holds the copy you want.")
+
+
+def _leftovers(raw: Path):
+    return sorted(p.name for p in raw.iterdir()) if raw.is_dir() else []
+
+
+def test_la_h5_with_nan_and_inf_is_refused_naming_case_and_counts(tmp_path, capsys):
+    import h5py
+    from dataset_conversion import la
+    from test_convert_la import make_h5_release, write_list
+    ids = ["A" * 20, "B" * 20]
+    src = make_h5_release(tmp_path / "la", ids)
+    bad = src / "2018LA_Seg_Training Set" / ids[1] / la.H5_FILE
+    with h5py.File(bad, "r+") as f:
+        image = f["image"][()]
+        image[0, 0, :3] = np.nan
+        image[1, 1, 1] = np.inf
+        del f["image"]
+        f.create_dataset("image", data=image)
+    rc = la.main(["--output", str(tmp_path / "raw"), "-i", str(src), "--train-list",
+                  str(write_list(tmp_path / "tr.txt", ids)), "--test-list", str(write_list(tmp_path / "te.txt", []))])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        f"ERROR: Case {ids[1]}: {bad} holds 4 non-finite voxel(s) of {image.size} (3 NaN, 1 Inf); nnU-Net's "
+        f"normalisation would make the whole case NaN. Replace them in the source (e.g. with the background value) "
+        f"or exclude the case from the lists.\n")
+    assert _leftovers(tmp_path / "raw") == []  # temporary folder removed, nothing written
+
+
+def test_pancreas_h5_with_nan_is_refused(tmp_path):
+    import h5py
+    from dataset_conversion import pancreas
+    from test_convert_pancreas import run, write_h5
+    src = tmp_path / "coranet_h5"
+    for no in (1, 2, 64):
+        write_h5(src / f"{no:04d}.h5", no)
+    with h5py.File(src / "0002.h5", "r+") as f:
+        f["image"][3, 3, 3] = np.nan
+    with pytest.raises(common.ConversionError, match=r"^Case PANCREAS_0002: .*0002\.h5 holds 1 non-finite voxel\(s\) "
+                                                     r"of 1536 \(1 NaN, 0 Inf\)"):
+        run(["-i", src, "--output", tmp_path / "raw", "--split", "coranet", "--only-present"])
+    assert not (tmp_path / "raw" / "Dataset104_PancreasCT").exists()

@@ -201,9 +201,17 @@ def _axis_code(direction, dimension: int) -> str:
 SPACING_FACTOR = 2.0
 
 
+def count_non_finite_array(voxels) -> Optional[tuple]:
+    """(NaN count, +-Inf count, total voxels) of an array; None for integer arrays (always finite)."""
+    import numpy as np
+    voxels = np.asarray(voxels)
+    if not np.issubdtype(voxels.dtype, np.floating):
+        return None
+    return int(np.count_nonzero(np.isnan(voxels))), int(np.count_nonzero(np.isinf(voxels))), int(voxels.size)
+
+
 def count_non_finite_voxels(path: str) -> Optional[tuple]:
     """(NaN count, +-Inf count, total voxels) of an image file; None for integer pixel types (always finite)."""
-    import numpy as np
     import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
@@ -211,10 +219,7 @@ def count_non_finite_voxels(path: str) -> Optional[tuple]:
     if 'float' not in sitk.GetPixelIDValueAsString(reader.GetPixelID()):
         return None
     image = reader.Execute()  # kept referenced: the array view below borrows its buffer
-    voxels = sitk.GetArrayViewFromImage(image)
-    nan = int(np.count_nonzero(np.isnan(voxels)))
-    inf = int(np.count_nonzero(np.isinf(voxels)))
-    return nan, inf, int(voxels.size)
+    return count_non_finite_array(sitk.GetArrayViewFromImage(image))
 
 
 def check_finite_voxels(case_id: str, path: str, error=None) -> None:
