@@ -39,3 +39,22 @@ def test_broken_link_among_unlabeled_images_is_named_with_its_target(tmp_path):
         f"{folder / 'unl_001_0000.nii.gz'} is a broken symbolic link: it points to ../../moved/unl_001_0000.nii.gz "
         f"({tmp_path / 'moved' / 'unl_001_0000.nii.gz'}), which does not exist. Mount or restore the target, "
         f"re-create the link, or remove it from imagesUnlabeled/.")
+
+
+def test_vector_image_among_unlabeled_images_is_named_with_its_component_count(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+    raw = tmp_path / 'Dataset901_X'
+    for sub in ('imagesTr', 'imagesUnlabeled'):
+        os.makedirs(raw / sub)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(raw / 'imagesTr' / 'a_0000.nii.gz'))
+    rgb = sitk.GetImageFromArray(np.zeros((4, 5, 6, 3), np.uint8), isVector=True)
+    path = raw / 'imagesUnlabeled' / 'u_0000.nii.gz'
+    sitk.WriteImage(rgb, str(path))
+    dataset_json = {'file_ending': '.nii.gz', 'channel_names': {'0': 'MR'}}
+    cases = preprocess_unlabeled.find_unlabeled_cases(str(raw), dataset_json)
+    with pytest.raises(preprocess_unlabeled.UnlabeledPreprocessingError) as info:
+        preprocess_unlabeled.check_unlabeled_images(cases, str(raw), dataset_json)
+    assert str(info.value).startswith(
+        f"Unlabeled case 'u': {path} has 3 components per voxel (a vector/RGB image), but nnU-Net expects one scalar "
+        f"image per channel and this dataset has 1 channel(s).")

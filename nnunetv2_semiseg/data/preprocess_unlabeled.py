@@ -239,6 +239,27 @@ def check_finite_voxels(case_id: str, path: str, error=None) -> None:
         f"source image (e.g. with the background value) or remove the case from {UNLABELED_RAW_FOLDER}/.")
 
 
+def check_scalar_image(case_id: str, path: str, num_channels: int, error=None) -> None:
+    """One component per voxel: nnU-Net reads one file per channel, and a vector (e.g. RGB) image ends in an
+    IndexError deep inside its reader. Refuse it naming the file and the component count."""
+    import SimpleITK as sitk
+    error = error or UnlabeledPreprocessingError
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # unreadable: reported by name by the reader checks
+    components = reader.GetNumberOfComponents()
+    if components > 1:
+        raise error(
+            f"Unlabeled case '{case_id}': {path} has {components} components per voxel (a vector/RGB image), but "
+            f"nnU-Net expects one scalar image per channel and this dataset has {num_channels} channel(s). Save each "
+            f"component as its own channel file if it is one (CASE_0000, CASE_0001, ... and the same channels in "
+            f"dataset.json), or convert the image to a single component (e.g. grey values), or remove it from "
+            f"{UNLABELED_RAW_FOLDER}/.")
+
+
 def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str, dataset_json: dict,
                            error=None) -> List[str]:
     """File-level checks of every unlabeled image before any is used. Returns warnings (naming the case).
@@ -257,6 +278,9 @@ def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str,
                 check_image_file(path)
             except CorruptImageError as e:
                 raise error(f"Unlabeled case '{case_id}': {e} Or remove it from {UNLABELED_RAW_FOLDER}/.") from None
+    for case_id, files in cases.items():
+        for path in files:
+            check_scalar_image(case_id, path, len(files), error)
     for case_id, files in cases.items():
         for path in files:
             check_finite_voxels(case_id, path, error)
