@@ -308,14 +308,29 @@ class DatasetWriter:
     def __enter__(self) -> "DatasetWriter":
         from nnunetv2_semiseg.utilities import safe_io
         self.check_target()
-        self.root.mkdir(parents=True, exist_ok=True)
-        # Leftovers of killed conversions of this dataset whose process is gone (a live run's are kept).
-        safe_io.remove_stale_temp_dirs(self.root, (f"{self.TEMP_PREFIX}{self.folder_name}_",
-                                                   f"{self.OLD_PREFIX}{self.folder_name}_"))
-        self.tmp = Path(safe_io.make_temp_dir(self.root, f"{self.TEMP_PREFIX}{self.folder_name}_"))
-        for sub in self.subfolders:
-            (self.tmp / sub).mkdir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Leftovers of killed conversions of this dataset whose process is gone (a live run's are kept).
+            safe_io.remove_stale_temp_dirs(self.root, (f"{self.TEMP_PREFIX}{self.folder_name}_",
+                                                       f"{self.OLD_PREFIX}{self.folder_name}_"))
+            self.tmp = Path(safe_io.make_temp_dir(self.root, f"{self.TEMP_PREFIX}{self.folder_name}_"))
+            for sub in self.subfolders:
+                (self.tmp / sub).mkdir()
+        except OSError as e:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_write_failure(e)
+            raise
         return self
+
+    def _raise_if_write_failure(self, error: BaseException) -> None:
+        # SimpleITK on a full disk says 'NWAD: wrote only 0 of ...': name the path and the cause instead.
+        from nnunetv2_semiseg.utilities.write_errors import describe_write_failure, untouched_note
+        if not isinstance(error, Exception) or isinstance(error, ConversionError):
+            return
+        message = describe_write_failure(error, self.target)
+        if message:
+            raise ConversionError(message + untouched_note(self.target)) from None
 
     def path(self, *parts: str) -> Path:
         assert self.tmp is not None, "use DatasetWriter as a context manager"
@@ -324,11 +339,13 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_write_failure(exc)
             return False
         try:
             self._commit()
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_write_failure(e)
             raise
         return False
 

@@ -63,3 +63,68 @@ def test_pancreas_h5_with_nan_is_refused(tmp_path):
                                                      r"of 1536 \(1 NaN, 0 Inf\)"):
         run(["-i", src, "--output", tmp_path / "raw", "--split", "coranet", "--only-present"])
     assert not (tmp_path / "raw" / "Dataset104_PancreasCT").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _la_release(tmp_path):
+    from test_convert_la import make_h5_release, write_list
+    ids = ["A" * 20, "B" * 20]
+    src = make_h5_release(tmp_path / "la", ids)
+    lists = ["--train-list", str(write_list(tmp_path / "tr.txt", ids)),
+             "--test-list", str(write_list(tmp_path / "te.txt", []))]
+    return src, lists
+
+
+def test_converter_output_below_a_file_is_one_line(tmp_path, capsys):
+    from dataset_conversion import la
+    src, lists = _la_release(tmp_path)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    assert la.main(["--output", str(blocker / "raw"), "-i", str(src), *lists]) == 2
+    assert capsys.readouterr().err == (
+        f"ERROR: Cannot write {blocker / 'raw'}: {blocker} is a file, not a folder (ENOTDIR). Choose an output "
+        f"location that is not below a file. The temporary folder was removed; nothing was written.\n")
+
+
+def test_converter_disk_full_keeps_the_old_dataset(tmp_path, capsys, monkeypatch):
+    import errno
+    from dataset_conversion import la
+    src, lists = _la_release(tmp_path)
+    raw = tmp_path / "raw"
+    assert la.main(["--output", str(raw), "-i", str(src), *lists]) == 0
+    target = raw / "Dataset101_LA"
+    before = sorted((p.relative_to(target), p.stat().st_size) for p in target.rglob("*"))
+    write_nifti = common.write_nifti
+    calls = []
+
+    def full_disk(array, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:  # some files are written, then the disk is full
+            Path(path).write_bytes(b"\0" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_nifti(array, path, *args, **kwargs)
+
+    monkeypatch.setattr(common, "write_nifti", full_disk)
+    assert la.main(["--output", str(raw), "-i", str(src), *lists, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ERROR: Cannot write {calls[2]}: the disk is full (ENOSPC). Free space there or choose "
+                          f"another output location. The temporary folder was removed; {target} is unchanged.")
+    assert err.count("\n") == 1
+    assert sorted((p.relative_to(target), p.stat().st_size) for p in target.rglob("*")) == before
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset101_LA"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("writer_message", [
+    "[enforce fail at inline_container.cc:603] . unexpected pos 6720 vs 6608",      # torch.save
+    "Error while creating the NDArray",                                             # blosc2
+    "Exception thrown in SimpleITK ImageFileWriter_Execute: NWAD: wrote only 0 of 6144 bytes to x.nii.gz",  # ITK
+])
+def test_writer_messages_without_errno_are_read_as_disk_full_when_space_is_low(tmp_path, monkeypatch,
+                                                                               writer_message):
+    import shutil
+    from nnunetv2_semiseg.utilities import write_errors
+    monkeypatch.setattr(write_errors.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    message = write_errors.describe_write_failure(RuntimeError(writer_message), tmp_path / "out")
+    assert message.startswith(f"Cannot write {tmp_path / 'out'}: the disk is full (ENOSPC; 0 MB free; the writer "
+                              f"said: {writer_message[:40]}")
+    assert write_errors.describe_write_failure(RuntimeError("unrelated"), tmp_path) is None

@@ -504,8 +504,12 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
 
     # Leftovers of killed runs (their owner process is dead); a live run's folders are kept.
     base_name = os.path.basename(out_folder)
-    safe_io.remove_stale_temp_dirs(preprocessed_base, (base_name + TEMP_INFIX, base_name + OLD_INFIX))
-    tmp_folder = safe_io.make_temp_dir(preprocessed_base, base_name + TEMP_INFIX)
+    try:
+        safe_io.remove_stale_temp_dirs(preprocessed_base, (base_name + TEMP_INFIX, base_name + OLD_INFIX))
+        tmp_folder = safe_io.make_temp_dir(preprocessed_base, base_name + TEMP_INFIX)
+    except OSError as e:
+        _raise_if_write_failure(e, out_folder)
+        raise
     try:
         jobs = [(cid, files, tmp_folder, plans, configuration, dataset_json) for cid, files in cases.items()]
         progress = dict(desc=f'Unlabeled {dataset_name} {configuration}', total=len(jobs), disable=not verbose)
@@ -536,12 +540,22 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_folder, out_folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp_folder, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, UnlabeledPreprocessingError):
+            _raise_if_write_failure(e, out_folder)
         raise
     if verbose:
         print(f'Wrote {len(cases)} unlabeled case(s) to {out_folder}')
     return out_folder
+
+
+def _raise_if_write_failure(error: Exception, out_folder: str) -> None:
+    # blosc2 on a full disk says 'Error while creating the NDArray': name the folder and the cause instead.
+    from nnunetv2_semiseg.utilities.write_errors import describe_write_failure, untouched_note
+    message = describe_write_failure(error, out_folder)
+    if message:
+        raise UnlabeledPreprocessingError(message + untouched_note(out_folder)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
