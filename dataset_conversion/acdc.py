@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from dataset_conversion import common
-from dataset_conversion.common import ConversionError
+from dataset_conversion.common import ConversionError, accept_underscore_spellings
 
 DEFAULT_DATASET_ID = 102
 DEFAULT_NAME = "ACDC"
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=("X", "Y", "Z"), help="spacing (mm) written for h5 input, which stores none")
     p.add_argument("--normalization", choices=("auto", "zscore", "noNorm", "rescale_to_0_1"), default="auto",
                    help="dataset.json channel name (nnU-Net normalisation); auto = zscore for NIfTI, noNorm for h5")
-    return p
+    return accept_underscore_spellings(p)
 
 
 def _read_patient_list(path: Path | None, packaged: str | None) -> tuple[list[str] | None, str | None]:

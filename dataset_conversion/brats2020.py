@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
+    accept_underscore_spellings,
     ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_finite_voxels,
     check_ids_known,
     check_image_integrity, check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list,
@@ -241,7 +242,7 @@ def get_parser():
                    help=f'--split seeded: seed of the split ({SEEDED_DEFAULT_SEED} = the shipped lists)')
     p.add_argument('--name-mapping', dest='name_mapping', type=Path, default=None,
                    help='--split ssl4mis2019: name_mapping.csv (default: the one in the release folder)')
-    return p
+    return accept_underscore_spellings(p)
 
 
 def _split_lists(args, folder: Path) -> Tuple[List[str], List[str], str, str, dict]:

@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from nnunetv2_semiseg.utilities.cli import positive_int
+from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings, positive_int
 
 SPLITS_PACKAGE = "dataset_conversion"
 SPLITS_SUBDIR = "splits"
@@ -580,7 +580,7 @@ def parallel_map(func: Callable, items: Sequence, num_processes: int = 1, desc: 
 def run_main(convert: Callable[[argparse.Namespace], Path], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None) -> int:
     """Parse argv, run ``convert(args)``; print ConversionError messages (no traceback) and return 2 for them."""
-    args = parser.parse_args(argv)
+    args = accept_underscore_spellings(parser).parse_args(argv)
     try:
         target = convert(args)
     except ConversionError as e:

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from dataset_conversion import common
-from dataset_conversion.common import ConversionError
+from dataset_conversion.common import ConversionError, accept_underscore_spellings
 
 DEFAULT_DATASET_ID = 101
 DEFAULT_NAME = "LA"
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isotropic spacing written for h5 input (the h5 files store none)")
     p.add_argument("--normalization", choices=("zscore", "noNorm"), default="zscore",
                    help="dataset.json channel name, i.e. nnU-Net's intensity normalisation (see module doc)")
-    return p
+    return accept_underscore_spellings(p)
 
 
 def convert(args: argparse.Namespace) -> Path:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
+    accept_underscore_spellings,
     ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_finite_voxels,
     check_image_integrity,
     check_label_values, check_labeled_in_train, spacing_outlier_warnings, dataset_folder_name, load_packaged_list,
@@ -272,7 +273,7 @@ def get_parser():
     p.add_argument('--h5-channel-name', dest='h5_channel_name', default='noNorm',
                    help='h5 form: dataset.json channel name; noNorm keeps the release\'s normalised intensities, '
                         'zscore makes nnU-Net z-score each image again')
-    return p
+    return accept_underscore_spellings(p)
 
 
 def _split_lists(args) -> Tuple[List[str], List[str], str, str]:

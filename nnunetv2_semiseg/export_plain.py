@@ -196,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--stream', choices=['A', 'B'], default=None,
                         help='nnUNetTrainerDualStream models only: which stream to export (default A, the plain '
                              'U-Net; B is the residual-encoder U-Net)')
-    args = parser.parse_args(argv)
+    from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings
+    args = accept_underscore_spellings(parser).parse_args(argv)
     try:
         out = export_plain(args.i, args.o, args.f, args.chk, args.overwrite, args.stream)
     except ExportError as e:

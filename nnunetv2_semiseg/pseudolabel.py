@@ -34,7 +34,7 @@ import sys
 import uuid
 from typing import Dict, List, Optional, Sequence, Union
 
-from nnunetv2_semiseg.utilities.cli import non_negative_int
+from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings, non_negative_int
 
 MANIFEST_FILENAME = 'semiseg_pseudolabels.json'
 UNLABELED_FOLDER = 'imagesUnlabeled'
@@ -629,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              'nnUNet_preprocessed/DatasetNEW_*/splits_final.json '
                              'with only real-labeled cases in validation (run after nnUNetv2_plan_and_preprocess -d '
                              'NEW). Needs only -o')
-    args = parser.parse_args(argv)
+    args = accept_underscore_spellings(parser).parse_args(argv)
 
     try:
         if args.splits_real_only:

@@ -58,3 +58,22 @@ def test_vector_image_among_unlabeled_images_is_named_with_its_component_count(t
     assert str(info.value).startswith(
         f"Unlabeled case 'u': {path} has 3 components per voxel (a vector/RGB image), but nnU-Net expects one scalar "
         f"image per channel and this dataset has 1 channel(s).")
+
+
+def test_converters_accept_underscore_spellings_of_dashed_options(capsys):
+    from dataset_conversion import acdc, brats2020, la, pancreas
+    args = acdc.build_parser().parse_args(['-i', 'x', '--train_list', 't', '--only_present', '--h5_spacing', '1', '1',
+                                           '2', '--dataset_id', '5', '--num_processes', '2', '--val_list', 'v'])
+    assert (str(args.train_list), args.only_present, args.h5_spacing, args.dataset_id, args.num_processes,
+            str(args.val_list)) == ('t', True, [1.0, 1.0, 2.0], 5, 2, 'v')
+    # the dashed spellings keep working
+    args = la.build_parser().parse_args(['-i', 'x', '--train-list', 't', '--only-present', '--labeled-list', 'l'])
+    assert (str(args.train_list), args.only_present, str(args.labeled_list)) == ('t', True, 'l')
+    args = pancreas.get_parser().parse_args(['-i', 'x', '--label_geometry', 'voxel', '--labels_folder', 'f',
+                                             '--h5_channel_name', 'zscore'])
+    assert (args.label_geometry, str(args.labels_folder), args.h5_channel_name) == ('voxel', 'f', 'zscore')
+    assert brats2020.get_parser().parse_args(['-i', 'x', '--labeled_fraction', '0.2']).labeled_fraction == 0.2
+    # one option under two spellings stays one option: the mutually exclusive group still applies
+    with pytest.raises(SystemExit):
+        la.build_parser().parse_args(['-i', 'x', '--labeled', '2', '--labeled_list', 'l'])
+    assert 'not allowed with argument' in capsys.readouterr().err

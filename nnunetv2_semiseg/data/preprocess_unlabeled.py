@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from nnunetv2_semiseg.utilities.cli import positive_int
+from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings, positive_int
 
 RECORD_FILENAME = 'semiseg_unlabeled.json'
 UNLABELED_RAW_FOLDER = 'imagesUnlabeled'
@@ -577,7 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help='accept unlabeled cases whose IDs are test cases in imagesTs (transductive use only: '
                              'the test scores are then not those of the standard protocol)')
     parser.add_argument('--verbose', action='store_true', help='unused, kept for nnU-Net CLI symmetry')
-    args = parser.parse_args(argv)
+    args = accept_underscore_spellings(parser).parse_args(argv)
     num_processes = default_num_processes if args.np is None else args.np
     try:
         for d in args.d:
