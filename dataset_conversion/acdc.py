@@ -297,7 +297,7 @@ def convert(args: argparse.Namespace) -> Path:
     assignment = common.resolve_split(
         train_ids, test_ids, train_source=train_source, test_source=test_source, labeled_n=args.labeled,
         labeled_ids=labeled_ids, labeled_source=str(args.labeled_list), present=patients,
-        only_present=args.only_present, unit="patient",
+        only_present=args.only_present, unit="patient", found_lists_dir=args.write_found_lists,
         location_hint=(f"{next(iter(patients.values())).parent}/patientXXX/ with Info.cfg" if fmt == "nifti"
                        else f"{next(iter(patients.values()))}/patientXXX_frame01.h5 and _frame02.h5"))
 

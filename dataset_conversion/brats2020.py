@@ -302,7 +302,7 @@ def convert(args) -> Path:
         extra['labeled_fraction'] = args.labeled_fraction
     assignment = resolve_split(train, test, train_source=train_src, test_source=test_src, labeled_n=labeled_n,
                                labeled_ids=labeled_ids, labeled_source=labeled_src, present=cases.keys(),
-                               only_present=args.only_present)
+                               only_present=args.only_present, found_lists_dir=args.write_found_lists)
 
     modalities = ('flair',) if args.modalities == 'flair' else MODALITIES_ALL
     # Resolve every file before writing anything: a missing file fails the run in seconds, not after an hour.

@@ -111,6 +111,10 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
                    help="drop list entries whose files are missing from the input instead of failing "
                         "(the dropped IDs are recorded in semiseg_split.json); the labeled set is chosen AFTER "
                         "dropping, so it can differ from the published protocol")
+    p.add_argument("--write-found-lists", dest="write_found_lists", type=Path, default=None, metavar="DIR",
+                   help="write the split's training and test lists reduced to the cases present in the input to "
+                        "DIR/train.txt and DIR/test.txt (for --train-list/--test-list with a partial download), "
+                        "also when cases are missing")
     return p
 
 
@@ -186,15 +190,16 @@ class SplitAssignment:
 def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_source: str, test_source: str,
                   labeled_n: int | None = None, labeled_ids: Sequence[str] | None = None,
                   labeled_source: str | None = None, present: Iterable[str] | None = None,
-                  only_present: bool = False, unit: str = "case", location_hint: str | None = None
-                  ) -> SplitAssignment:
+                  only_present: bool = False, unit: str = "case", location_hint: str | None = None,
+                  found_lists_dir: Path | None = None) -> SplitAssignment:
     """Split a training list into labeled/unlabeled and check the test list.
 
     labeled_n: first N of train_ids (literature convention). labeled_ids: explicit list (must be a subset of
     train_ids). Neither: everything labeled. ``present``: the IDs available in the input; list entries not present
     are an error, or are dropped (and recorded) when only_present is True. ``unit`` only changes the wording of
     messages (ACDC resolves patients, not frames). ``location_hint`` (e.g. "<root>/<ID>/mri_norm2.h5") tells the
-    user where a missing case was looked for.
+    user where a missing case was looked for. ``found_lists_dir`` (--write-found-lists): the lists reduced to the
+    present IDs are written there (train.txt, test.txt) before a missing case fails the run.
     """
     train_ids, test_ids = list(train_ids), list(test_ids)
     if labeled_ids is not None:
@@ -206,13 +211,18 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
     if present is not None:
         present = set(present)
         missing = [i for i in train_ids + test_ids if i not in present]
+        found_note = ""
+        if found_lists_dir is not None:
+            found_note = write_found_lists(found_lists_dir, [i for i in train_ids if i in present],
+                                           [i for i in test_ids if i in present], unit)
         if missing and not only_present:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ConversionError(
                 f"{len(missing)} {unit}(s) of the split lists are missing from the input ({shown}; first from "
                 f"{train_source if missing[0] in train_ids else test_source})"
                 f"{'; expected ' + location_hint if location_hint else ''}. Fix: download the complete "
-                f"release, or pass --train-list/--test-list with only the {unit}s you have, or --only-present.")
+                f"release, or pass --train-list/--test-list with only the {unit}s you have, or --only-present."
+                f"{' ' + found_note if found_note else ''}")
         dropped = missing
         train_ids = [i for i in train_ids if i in present]
         test_ids = [i for i in test_ids if i in present]
@@ -246,6 +256,29 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
     provenance = {"train_list": train_source, "test_list": test_source, "labeled_rule": rule,
                   "dropped_missing_from_input": dropped}
     return SplitAssignment(labeled, unlabeled, test_ids, provenance)
+
+
+def write_found_lists(folder: Path | str, train_ids: Sequence[str], test_ids: Sequence[str], unit: str = "case"
+                      ) -> str:
+    """Write ``folder/train.txt`` and ``folder/test.txt`` (one ID per line, list order kept); returns a one-line note
+    saying how to use them. Each file is written under a temporary name and renamed, so an existing list is only
+    replaced by a complete one."""
+    from nnunetv2_semiseg.utilities.write_errors import describe_write_failure
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, ids in (("train.txt", train_ids), ("test.txt", test_ids)):
+            tmp = folder / f".{name}.tmp{os.getpid()}"
+            tmp.write_text("".join(f"{i}\n" for i in ids))
+            os.replace(tmp, folder / name)
+    except OSError as e:
+        raise ConversionError(describe_write_failure(e, folder) or f"Cannot write the found lists to {folder}: {e}"
+                              ) from None
+    note = (f"The lists of the {unit}s present were written to {folder}/train.txt ({len(train_ids)}) and "
+            f"{folder}/test.txt ({len(test_ids)}): pass --train_list {folder}/train.txt --test_list "
+            f"{folder}/test.txt.")
+    print(note, file=sys.stderr)
+    return note
 
 
 def check_ids_known(ids: Iterable[str], known: Iterable[str], source: str, unit: str = "case") -> None:

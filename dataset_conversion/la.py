@@ -191,7 +191,8 @@ def convert(args: argparse.Namespace) -> Path:
         train_ids, test_ids, train_source=train_source, test_source=test_source, labeled_n=args.labeled,
         labeled_ids=labeled_ids, labeled_source=str(args.labeled_list), present=cases,
         only_present=args.only_present,
-        location_hint=str(next(iter(cases.values())).parent / "<ID>" / FORMAT_MARKER[fmt]))
+        location_hint=str(next(iter(cases.values())).parent / "<ID>" / FORMAT_MARKER[fmt]),
+        found_lists_dir=args.write_found_lists)
 
     with writer:
         tasks = [CaseTask(cid, str(cases[cid]), fmt, role, str(writer.tmp), args.h5_spacing)

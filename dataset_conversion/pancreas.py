@@ -363,7 +363,7 @@ def convert(args) -> Path:
         labeled_ids = [i for i in labeled_ids if i in sources]  # dropped IDs are recorded by resolve_split
     assignment = resolve_split(train, test, train_source=train_src, test_source=test_src, labeled_n=args.labeled,
                                labeled_ids=labeled_ids, labeled_source=labeled_src, present=sources.keys(),
-                               only_present=args.only_present)
+                               only_present=args.only_present, found_lists_dir=args.write_found_lists)
 
     # A labeled or test case needs its label; unlabeled cases never have theirs read.
     if fmt == 'dicom':

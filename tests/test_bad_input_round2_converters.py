@@ -128,3 +128,26 @@ def test_writer_messages_without_errno_are_read_as_disk_full_when_space_is_low(t
     assert message.startswith(f"Cannot write {tmp_path / 'out'}: the disk is full (ENOSPC; 0 MB free; the writer "
                               f"said: {writer_message[:40]}")
     assert write_errors.describe_write_failure(RuntimeError("unrelated"), tmp_path) is None
+
+
+def test_write_found_lists_of_a_partial_download_then_convert_with_them(tmp_path, capsys):
+    from dataset_conversion import la
+    from test_convert_la import make_h5_release
+    train, test = common.load_packaged_list("la_train.txt"), common.load_packaged_list("la_test.txt")
+    have = [train[5], train[0], test[3]]  # a partial copy of the published UA-MT split
+    src = make_h5_release(tmp_path / "la", have)
+    found = tmp_path / "found"
+    assert la.main(["--output", str(tmp_path / "raw"), "-i", str(src), "--write_found_lists", str(found)]) == 2
+    err = capsys.readouterr().err
+    note = (f"The lists of the cases present were written to {found}/train.txt (2) and {found}/test.txt (1): pass "
+            f"--train_list {found}/train.txt --test_list {found}/test.txt.")
+    assert err.splitlines()[-1].startswith("ERROR: 97 case(s) of the split lists are missing from the input")
+    assert err.splitlines()[-1].endswith(note)
+    assert (found / "train.txt").read_text() == f"{train[0]}\n{train[5]}\n"  # published order kept
+    assert (found / "test.txt").read_text() == f"{test[3]}\n"
+    assert la.main(["--output", str(tmp_path / "raw"), "-i", str(src), "--train_list", str(found / "train.txt"),
+                    "--test_list", str(found / "test.txt"), "--labeled", "1"]) == 0
+    out = tmp_path / "raw" / "Dataset101_LA"
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{train[0]}_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "imagesUnlabeled").iterdir()) == [f"{train[5]}_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"{test[3]}_0000.nii.gz"]
