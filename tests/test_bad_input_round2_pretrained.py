@@ -92,3 +92,16 @@ def test_nnunetv2_train_cli_with_pretrained_plain_checkpoint(workspace, plain_ch
     assert 'initialised fresh: heads.projector' in out
     assert os.path.isfile(os.path.join(workspace.model_folder('nnUNetTrainerSSNet'), 'fold_0',
                                        'checkpoint_final.pth'))
+
+
+def test_dual_stream_gets_the_plain_weights_in_stream_a(workspace, plain_checkpoint):
+    from nnunetv2_semiseg.trainers.dualstream import nnUNetTrainerDualStream
+    path, plain = plain_checkpoint
+    trainer = _trainer(nnUNetTrainerDualStream, workspace)
+    trainer.initialize()
+    before = {k: v.clone() for k, v in trainer.unwrapped_network.state_dict().items()}
+    _load_through_nnunet(trainer, path)
+    after = trainer.unwrapped_network.state_dict()
+    transferred = [k for k in plain if '.seg_layers.' not in k]
+    assert all(torch.equal(after['stream_a.' + k], plain[k]) for k in transferred)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith('stream_b.'))

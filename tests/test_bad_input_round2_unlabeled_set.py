@@ -19,12 +19,13 @@ def _trainer(workspace):
 def test_training_warns_when_raw_unlabeled_cases_differ_from_the_preprocessed_ones(workspace, monkeypatch, capsys):
     workspace.set_process_env(monkeypatch)
     trainer = _trainer(workspace)
-    trainer.check_unlabeled_folder()
+    trainer.initialize()
+    trainer.get_unlabeled_dataloader()  # what training start runs (get_dataloaders)
     assert 'changed since' not in capsys.readouterr().out  # up to date: silent
     raw = os.path.join(workspace.raw, 'imagesUnlabeled')
     shutil.copy(os.path.join(raw, 'unl_000_0000.nii.gz'), os.path.join(raw, 'unl_new_0000.nii.gz'))
     os.remove(os.path.join(raw, 'unl_003_0000.nii.gz'))
-    trainer.check_unlabeled_folder()
+    trainer.get_unlabeled_dataloader()
     lines = [line for line in capsys.readouterr().out.splitlines() if 'WARNING' in line]
     assert len(lines) == 1, lines
     line = lines[0]

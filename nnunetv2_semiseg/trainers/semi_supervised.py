@@ -153,7 +153,6 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f'{"is missing" if record is None else "names other preprocessing"}{differences}. Re-create it '
                 f'with:\n    '
                 f'{self.preprocess_unlabeled_command()} --overwrite')
-        self.warn_if_unlabeled_set_changed()
 
     def warn_if_unlabeled_set_changed(self) -> None:
         # Images added to (or removed from) imagesUnlabeled/ after preprocessing would otherwise go unnoticed.
@@ -170,6 +169,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             raise NotImplementedError('Semi-supervised training of cascade stages would need previous-stage '
                                       'predictions for the unlabeled cases; use 2d or 3d_fullres/3d_lowres.')
         self.check_unlabeled_folder()
+        self.warn_if_unlabeled_set_changed()
         dataset = load_unlabeled_dataset(self.unlabeled_folder)
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
