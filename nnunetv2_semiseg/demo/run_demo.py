@@ -103,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--epochs', type=int, default=8, help='Epochs of the short schedule (default 8)')
     parser.add_argument('--iterations', type=int, default=25, help='Iterations per epoch (default 25)')
     parser.add_argument('--seed', type=int, default=0, help='Seed of the synthetic data (default 0)')
-    args = parser.parse_args(argv)
+    from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings
+    args = accept_underscore_spellings(parser).parse_args(argv)
     try:
         run_demo(args.trainer, args.output, args.device, args.epochs, args.iterations, seed=args.seed)
     except Exception as e:  # show the failing step's output, not a long traceback through subprocess

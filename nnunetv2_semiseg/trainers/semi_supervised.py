@@ -30,14 +30,18 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describe_differences,
                                                         preprocessing_fingerprint, preprocessing_settings,
-                                                        read_record, unlabeled_folder_name)
+                                                        read_record, unlabeled_folder_name, unlabeled_set_mismatch)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+from nnunetv2_semiseg.trainers import pretrained_weights
 from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resume_trainer,
                                                   describe_non_finite_weights, non_finite_tensors)
 from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
                                                 save_snapshot_if_requested)
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
+
+
+pretrained_weights.install()  # routes -pretrained_weights of nnUNetv2_train to load_pretrained_weights below
 
 
 class MissingUnlabeledDataError(RuntimeError):
@@ -108,6 +112,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         return unwrap_network(self.network)
 
     # ----------------------------------------------------------------------------------------------------------
+    # nnUNetv2_train -pretrained_weights (nnU-Net's loader rejects the heads; see trainers/pretrained_weights.py)
+    def load_pretrained_weights(self, filename: str) -> None:
+        pretrained_weights.load_pretrained_weights_into_trainer(self, filename)
+
+    # ----------------------------------------------------------------------------------------------------------
     # data
     def initialize(self):
         super().initialize()
@@ -145,11 +154,22 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f'with:\n    '
                 f'{self.preprocess_unlabeled_command()} --overwrite')
 
+    def warn_if_unlabeled_set_changed(self) -> None:
+        # Images added to (or removed from) imagesUnlabeled/ after preprocessing would otherwise go unnoticed.
+        from nnunetv2.paths import nnUNet_raw
+        if nnUNet_raw:
+            warning = unlabeled_set_mismatch(self.unlabeled_folder,
+                                             os.path.join(nnUNet_raw, self.plans_manager.dataset_name),
+                                             self.dataset_json['file_ending'], self.preprocess_unlabeled_command())
+            if warning:
+                self.print_to_log_file(f'WARNING: {warning}')
+
     def get_unlabeled_dataloader(self):
         if self.is_cascaded:
             raise NotImplementedError('Semi-supervised training of cascade stages would need previous-stage '
                                       'predictions for the unlabeled cases; use 2d or 3d_fullres/3d_lowres.')
         self.check_unlabeled_folder()
+        self.warn_if_unlabeled_set_changed()
         dataset = load_unlabeled_dataset(self.unlabeled_folder)
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
