@@ -276,10 +276,9 @@ def make_variant(base_name: str, assignments: Sequence[str], name: str, output_f
     path = os.path.join(output_folder, f'{name}.py')
     existing = find_trainer(name)
     if existing is not None:
-        try:
-            same_file = os.path.abspath(inspect.getfile(existing)) == path
-        except TypeError:
-            same_file = False
+        # nnU-Net's search imports an ext folder's file as a top-level module named after the file (and drops it
+        # from sys.modules afterwards): a class from module <name> while <name>.py exists here is this very file.
+        same_file = existing.__module__ == name and os.path.exists(path)
         if not same_file:
             raise VariantError(f'--name {name}: a trainer of that name already exists '
                                f'({existing.__module__}); nnU-Net would train that one. Pick another name.')
