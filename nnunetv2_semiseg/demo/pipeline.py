@@ -37,11 +37,15 @@ def training_env(env: Dict[str, str], num_epochs: int, iterations_per_epoch: int
 
     ``nnUNet_n_proc_DA=0`` runs augmentation in-process; it must not be set for planning (nnU-Net 2.8.1's
     planner calls torch.set_num_threads with it and crashes on 0).
+
+    ``nnUNet_semiseg_allow_schedule_change=1``: these scripted short runs (the tests, the GPU suite) extend a
+    finished run with ``--c`` and a longer schedule on purpose; without it ``--c`` refuses a changed schedule.
     """
     env = dict(env)
     env.update({'nnUNet_semiseg_num_epochs': str(num_epochs),
                 'nnUNet_semiseg_iterations_per_epoch': str(iterations_per_epoch),
                 'nnUNet_semiseg_val_iterations_per_epoch': str(val_iterations),
+                'nnUNet_semiseg_allow_schedule_change': '1',
                 'nnUNet_n_proc_DA': str(num_workers), 'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'false'})
     if final_validation:
         env.pop('nnUNet_semiseg_skip_final_validation', None)

@@ -11,6 +11,7 @@ state, :meth:`after_optimizer_step`, :meth:`semiseg_state` / :meth:`load_semiseg
 * per-term loss logging (``train_<term>``, one value per epoch) and ``progress_terms.png``;
 * extra checkpoint state under ``checkpoint['semiseg']``, restored on ``--c`` (absent key tolerated).
 """
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -36,8 +37,9 @@ from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
 from nnunetv2_semiseg.trainers import pretrained_weights
 from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resume_trainer,
                                                   describe_non_finite_weights, non_finite_tensors)
-from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
-                                                save_snapshot_if_requested)
+from nnunetv2_semiseg.trainers.schedule import (add_schedule_to_debug_json, apply_schedule_overrides,
+                                                check_resume_schedule, describe_schedule, final_validation_skipped,
+                                                save_snapshot_if_requested, schedule_record)
 from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
 
 
@@ -65,6 +67,29 @@ def split_batch_size_over_ranks(global_batch_size: int, world_size: int, rank: i
     return global_batch_size // world_size + (1 if rank < global_batch_size % world_size else 0)
 
 
+def is_ramped(component) -> bool:
+    return component.ramp(0.0) != component.ramp(1.0)
+
+
+def describe_ramp(component, total_iterations: int) -> str:
+    """A component's ramp in words, from the component itself (its ramp() and ramp_length), so that it stays true
+    for components written later."""
+    if not is_ramped(component):
+        return 'no ramp'
+    start = component.ramp(0.0)
+    if abs(start - math.exp(-5.0)) < 1e-12:
+        kind = 'sigmoid ramp exp(-5(1-t)^2)'
+    elif start == 0.0:
+        kind = 'linear ramp'
+    else:
+        kind = 'ramp'
+    length = getattr(component, 'ramp_length', None)
+    if length is None:
+        return f'{kind} (factor {start:.4g} at the start, 1 at the end)'
+    return (f'{kind} over the first {length:.0%} of training ({int(round(length * total_iterations))} of '
+            f'{total_iterations} steps; factor {start:.4g} at the start)')
+
+
 class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     # Global number of unlabeled patches per step; None = the plans' batch size (per rank: the labeled share).
     unlabeled_batch_size: Optional[int] = None
@@ -78,7 +103,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        # nnU-Net's __init__ pops this flag (set by nnUNetv2_train --c); keep it: only --c compares schedules.
+        continuing = bool(plans.get('continue_training', False))
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.continuing_training = continuing
         apply_schedule_overrides(self)
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: Optional[int] = None
@@ -324,14 +352,89 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.logger.log(key, value, self.current_epoch)
 
     def on_epoch_end(self):
+        weights = self.current_term_weights()
         for term, key in zip(self.loss_term_names, self.term_log_keys()):
-            self.print_to_log_file(f'train_{term}', np.round(self.logger.get_value(key, step=-1), decimals=4))
+            value = np.round(self.logger.get_value(key, step=-1), decimals=4)
+            if term in weights:
+                self.print_to_log_file(f'train_{term}', value, f'(weight {weights[term]:.4g})')
+            else:
+                self.print_to_log_file(f'train_{term}', value)
         super().on_epoch_end()
         if self.local_rank == 0:
             plot_loss_terms({t: self.logger.local_logger.my_fantastic_logging[k]
                              for t, k in zip(self.loss_term_names, self.term_log_keys())},
                             os.path.join(self.output_folder, 'progress_terms.png'))
         save_snapshot_if_requested(self)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # what a run says about itself: set-up at the start, ramped weights every epoch, schedule in debug.json
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        # Kept for the start-of-run summary (nnU-Net only logs the split's sizes inside do_split).
+        self.num_labeled_training_cases = len(dataset_tr.identifiers)
+        self.num_validation_cases = len(dataset_val.identifiers)
+        return dataset_tr, dataset_val
+
+    def on_train_start(self):
+        super().on_train_start()
+        for line in self.run_setup_lines():
+            self.print_to_log_file(line)
+
+    def _save_debug_information(self):
+        super()._save_debug_information()
+        add_schedule_to_debug_json(self)
+
+    def loss_components_for_logging(self) -> list:
+        """The weighted unsupervised components of a composed trainer (empty for trainers that compute their terms
+        in one method, like BCP)."""
+        return list(getattr(self, 'loss_components', None) or [])
+
+    def current_term_weights(self) -> Dict[str, float]:
+        """Weight of every ramped term at the epoch's last optimizer step (constant weights are in the set-up)."""
+        fraction = max(0, self.global_iteration - 1) / max(1, self.total_iterations())
+        return {c.name: c.weight_at(fraction) for c in self.loss_components_for_logging() if is_ramped(c)}
+
+    def term_weight_lines(self) -> List[str]:
+        """One line per loss term: its weight and ramp. A trainer without components lists its terms only; its
+        weights are among the hyperparameters line."""
+        total = self.total_iterations()
+        components = self.loss_components_for_logging()
+        if not components:
+            return [f'Loss terms (logged as train_<term>): {", ".join(self.loss_term_names)}; their weights are '
+                    f'class attributes (hyperparameters below).']
+        lines = ['Loss term sup: nnU-Net\'s supervised loss on the labeled rows, weight 1, no ramp.']
+        for c in components:
+            lines.append(f'Loss term {c.name}: weight {c.weight:g}, {describe_ramp(c, total)}.')
+        return lines
+
+    def hyperparameter_line(self) -> str:
+        """The trainer's class attributes below nnU-Net's trainer (a variant's changed values show up here)."""
+        values = {}
+        for klass in reversed(type(self).__mro__):
+            if not issubclass(klass, nnUNetTrainerSemiSupervised):
+                continue
+            for name, value in vars(klass).items():
+                if name.startswith('_') or name == 'loss_term_names' or callable(value) or \
+                        isinstance(value, (property, staticmethod, classmethod)):
+                    continue
+                values[name] = getattr(self, name)
+        return 'Hyperparameters (class attributes): ' + ', '.join(f'{k}={v!r}' for k, v in sorted(values.items()))
+
+    def run_setup_lines(self) -> List[str]:
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+        num_unlabeled = len(nnUNetDatasetBlosc2.get_identifiers(self.unlabeled_folder))
+        unlabeled_setting = (f'unlabeled_batch_size={self.unlabeled_batch_size}' if self.unlabeled_batch_size
+                             is not None else 'unlabeled_batch_size=None: the plans\' batch size')
+        per_rank = ' per GPU' if self.is_ddp else ''
+        lines = [f'Semi-supervised run of {type(self).__name__}: '
+                 f'{getattr(self, "num_labeled_training_cases", "?")} labeled training cases '
+                 f'(fold {self.fold}; {getattr(self, "num_validation_cases", "?")} validation cases), '
+                 f'{num_unlabeled} unlabeled cases ({self.unlabeled_folder}).',
+                 f'Batch per step{per_rank}: {self.batch_size} labeled + {self.unlabeled_batch_size_per_rank} '
+                 f'unlabeled patches ({unlabeled_setting}'
+                 f'{", two views each" if self.unlabeled_two_views else ""}).',
+                 describe_schedule(self)]
+        return lines + self.term_weight_lines() + [self.hyperparameter_line()]
 
     def _restore_term_log_keys(self):
         """After loading a logger from a checkpoint that lacks our keys (plain nnU-Net), pad them with NaN."""
@@ -345,7 +448,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     # checkpoints
     def semiseg_state(self) -> dict:
         """Extra state saved under checkpoint['semiseg']; subclasses add their keys (call super)."""
-        return {'global_iteration': self.global_iteration}
+        return {'global_iteration': self.global_iteration, 'schedule': schedule_record(self)}
 
     def load_semiseg_state(self, state: Optional[dict]) -> None:
         """Restore :meth:`semiseg_state`. ``state`` is None for checkpoints without the key (plain nnU-Net)."""
@@ -382,6 +485,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)
 
+    def check_resume_schedule(self, checkpoint: dict, source: str) -> None:
+        """``--c`` only: refuse a checkpoint trained on another schedule (schedule.check_resume_schedule). Loading for
+        ``--val`` or from Python compares nothing: validation does not depend on the schedule."""
+        state = checkpoint.get('semiseg')
+        if not self.continuing_training or state is None:  # None: a plain nnU-Net warm start, not our schedule
+            return
+        check_resume_schedule(state.get('schedule'), self, source)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         # Re-implemented: nnU-Net 2.8.1's version fails for dicts and knows nothing of checkpoint['semiseg'].
         if not self.was_initialized:
@@ -395,8 +506,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 'checkpoint_latest.pth, else checkpoint_best.pth); or train the fold from scratch without --c.')
         else:
             checkpoint = filename_or_checkpoint
-        check_resume_trainer(checkpoint, type(self).__name__,
-                             filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint')
+        source = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint'
+        check_resume_trainer(checkpoint, type(self).__name__, source)
+        self.check_resume_schedule(checkpoint, source)
         network = self.unwrapped_network
         own_keys = set(network.state_dict().keys())
         weights = {}
