@@ -203,8 +203,9 @@ def base_import_needs_folder(base) -> Optional[str]:
     """The ext folder a base trainer's module is importable from only during nnU-Net's search (a user's own trainer
     found through nnUNet_extTrainer), or None when it imports from anywhere."""
     import importlib.util
-    module = sys.modules.get(base.__module__)
-    module_file = getattr(module, '__file__', None) or inspect.getfile(base)
+    module_file = _class_file(base)
+    if module_file is None:
+        return None
     top = base.__module__.split('.')[0]
     for entry in ext_trainer_entries():
         folder = os.path.abspath(entry)
@@ -217,6 +218,20 @@ def base_import_needs_folder(base) -> Optional[str]:
             except (ImportError, ValueError):
                 pass
             return None if spec is not None else folder
+    return None
+
+
+def _class_file(cls) -> Optional[str]:
+    """The source file of a class. nnU-Net's ext search drops the modules it imported from sys.modules again, so
+    inspect.getfile can fail; the code objects of the class's own functions still name their file."""
+    module = sys.modules.get(cls.__module__)
+    if getattr(module, '__file__', None):
+        return module.__file__
+    for value in vars(cls).values():
+        function = getattr(value, '__func__', value)
+        code = getattr(function, '__code__', None)
+        if code is not None:
+            return code.co_filename
     return None
 
 

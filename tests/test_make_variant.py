@@ -111,3 +111,22 @@ def test_command_line_error_exits_2_with_the_reason(capsys, tmp_path):
               str(tmp_path)])
     assert info.value.code == 2
     assert "--set 'unsupervised_weight': expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_variant_of_a_users_own_trainer_lives_next_to_it(ext_folder, tmp_path):
+    # A trainer of the user's ext folder is importable only while nnU-Net searches that folder.
+    ext_folder.mkdir()
+    (ext_folder / 'my_trainers.py').write_text(
+        'from nnunetv2_semiseg.trainers.bcp import nnUNetTrainerBCP\n\n\n'
+        'class nnUNetTrainerMine(nnUNetTrainerBCP):\n    mask_beta = 0.5\n\n'
+        '    def switch_step(self):\n        return 0\n')
+    with pytest.raises(VariantError, match=rf'nnUNetTrainerMine is imported from {ext_folder} only while nnU-Net '
+                                           rf'searches that folder.*pass -o {ext_folder}'):
+        make_variant('nnUNetTrainerMine', ['mask_beta=0.25'], 'nnUNetTrainerMine_b25',
+                     output_folder=str(tmp_path / 'other'))
+    path = make_variant('nnUNetTrainerMine', ['mask_beta=0.25'], 'nnUNetTrainerMine_b25')
+    assert 'from my_trainers import nnUNetTrainerMine\n' in open(path).read()
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    cls = recursive_find_python_class(str(ext_folder), 'nnUNetTrainerMine_b25', None, base_folder=str(ext_folder),
+                                      cleanup_imports_from_base_folder=True)
+    assert cls.mask_beta == 0.25 and cls.__mro__[1].__name__ == 'nnUNetTrainerMine'

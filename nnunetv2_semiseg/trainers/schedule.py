@@ -75,9 +75,20 @@ def schedule_record(trainer) -> dict:
 
 
 def describe_schedule(trainer) -> str:
-    active = {k: v for k, v in schedule_environment().items() if v is not None}
-    overrides = ', '.join(f'{k}={v}' for k, v in active.items()) if active else \
-        'none (no nnUNet_semiseg_* schedule variable set)'
+    """One log line for the start of a run (the variables change a run without changing its output folder)."""
+    attribute_of = {v: k for k, v in SCHEDULE_ENV_VARS.items()}
+    shown = []
+    for variable, value in schedule_environment().items():
+        if value is None:
+            continue
+        attribute = attribute_of.get(variable)
+        actual = getattr(trainer, attribute) if attribute else None
+        if attribute and str(actual) != value:
+            # A hand-written variant that sets the attribute after super().__init__ wins over the variable.
+            shown.append(f'{variable}={value} (not in effect: the trainer sets {attribute}={actual})')
+        else:
+            shown.append(f'{variable}={value}')
+    overrides = ', '.join(shown) if shown else 'none (no nnUNet_semiseg_* schedule variable set)'
     return (f'Schedule: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} iterations '
             f'({trainer.num_epochs * trainer.num_iterations_per_epoch} optimizer steps), '
             f'{trainer.num_val_iterations_per_epoch} validation iterations per epoch. Environment overrides: '
@@ -166,8 +177,6 @@ def apply_schedule_overrides(trainer) -> None:
         seed_everything(int(seed))
     # A checkpoint_latest more often than the run is long would never be written; keep nnU-Net's default else.
     trainer.save_every = min(trainer.save_every, max(1, trainer.num_epochs))
-    # Said at the start of every run: the variables change a run without changing its output folder.
-    trainer.print_to_log_file(describe_schedule(trainer))
 
 
 SNAPSHOT_ENV_VAR = 'nnUNet_semiseg_snapshot_epochs'
@@ -227,6 +236,10 @@ class nnUNetTrainer_semisegSchedule(nnUNetTrainer):
     def on_epoch_end(self):
         super().on_epoch_end()
         save_snapshot_if_requested(self)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(describe_schedule(self))
 
     def _save_debug_information(self):
         super()._save_debug_information()
