@@ -9,7 +9,10 @@ state, :meth:`after_optimizer_step`, :meth:`semiseg_state` / :meth:`load_semiseg
 * the training fraction used by ramp-ups (:mod:`nnunetv2_semiseg.trainers.ramps`);
 * AMP (CUDA autocast + GradScaler), gradient clipping and the optimizer step, as in nnU-Net's ``train_step``;
 * per-term loss logging (``train_<term>``, one value per epoch) and ``progress_terms.png``;
-* extra checkpoint state under ``checkpoint['semiseg']``, restored on ``--c`` (absent key tolerated).
+* extra checkpoint state under ``checkpoint['semiseg']``, restored on ``--c`` (absent key tolerated), with the
+  schedule record that ``--c`` compares (:func:`~nnunetv2_semiseg.trainers.schedule.check_resume_schedule`);
+* the start-of-run summary in the log (cases, batches, each term's weight and ramp, class attributes) and each
+  ramped term's current weight next to its loss every epoch.
 """
 import math
 import os
