@@ -123,7 +123,8 @@ def check_resume_schedule(record, trainer, source: str) -> None:
     lines = []
     for attribute in changed:
         variable = SCHEDULE_ENV_VARS[attribute]
-        lines.append(f'{attribute}: {saved[attribute]} in the checkpoint ({_shown(variable, saved_env.get(variable))}), '
+        lines.append(f'{attribute}: {saved[attribute]} in the checkpoint '
+                     f'({_shown(variable, saved_env.get(variable))}), '
                      f'{getattr(trainer, attribute)} now ({_shown(variable, now_env.get(variable))})')
     if os.environ.get(ALLOW_SCHEDULE_CHANGE_ENV, '').strip() == '1':
         trainer.print_to_log_file(f'Continuing {source} on a changed schedule ({ALLOW_SCHEDULE_CHANGE_ENV}=1): '
