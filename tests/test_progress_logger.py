@@ -1,5 +1,6 @@
 """progress.png / progress_terms.png of the semi-supervised trainers, and the logged terms' way to Weights & Biases."""
 import glob
+import importlib.util
 import json
 import os
 
@@ -129,8 +130,9 @@ def test_trainer_installs_the_logger(workspace, monkeypatch):
     assert dict(local.supervised_curve.weights) == {'pretrain': 1.0, 'inward': 0.5, 'outward': 0.5}
 
 
+# Checked before the fixtures are built: without wandb the test costs nothing.
+@pytest.mark.skipif(importlib.util.find_spec('wandb') is None, reason='wandb is not installed (pip install wandb)')
 def test_terms_reach_weights_and_biases_offline(workspace, monkeypatch):
-    pytest.importorskip('wandb')
     from nnunetv2.training.logging import nnunet_logger
     workspace.set_process_env(monkeypatch)
     for key, value in {'nnUNet_wandb_enabled': '1', 'nnUNet_wandb_mode': 'offline', 'WANDB_SILENT': 'true',

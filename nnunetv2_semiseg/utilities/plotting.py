@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use('agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # Legends go to the right of the axes, outside them, so that they never cover a curve.
 _LEGEND_OUTSIDE = dict(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -25,6 +26,11 @@ def _save(fig: Figure, filename: str) -> None:
     fig.savefig(tmp, bbox_inches='tight')
     plt.close(fig)
     os.replace(tmp, filename)
+
+
+def _epoch_axis(ax) -> None:
+    ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # no "epoch 0.5" ticks on short runs
 
 
 def _marker(num_epochs: int) -> Optional[str]:
@@ -46,7 +52,7 @@ def draw_loss_terms(terms: Dict[str, Sequence[float]], total: Optional[Sequence[
                     marker=_marker(num_epochs))
         for name, values in terms.items():
             ax.plot(epochs, list(values)[:num_epochs], label=name, linewidth=2, marker=_marker(num_epochs))
-        ax.set_xlabel('epoch')
+        _epoch_axis(ax)
         ax.set_ylabel('loss (mean over the epoch)')
         # The terms are logged before their weights and ramps, so the total is not their plain sum.
         ax.set_title('training loss: total and terms (terms before their weights)')
@@ -81,7 +87,7 @@ def draw_progress(train_loss: Sequence[float], train_label: str, logging: Dict[s
                      label='pseudo dice')
         ax_dice.plot(epochs, logging['ema_fg_dice'][:num_epochs], color='g', linewidth=2.5,
                      label='pseudo dice (mov. avg.)')
-        ax_loss.set_xlabel('epoch')
+        _epoch_axis(ax_loss)
         ax_loss.set_ylabel('loss')
         ax_dice.set_ylabel('pseudo dice')
         ax_loss.set_title('training vs validation loss (total loss and every term: progress_terms.png)')
@@ -96,14 +102,14 @@ def draw_progress(train_loss: Sequence[float], train_label: str, logging: Dict[s
         # An uneven duration usually means other jobs share the machine.
         ax_time.plot(epochs, durations, color='b', linewidth=2.5, marker=marker, label='epoch duration')
         ax_time.set_ylim(0, max(durations + [1e-9]) * 1.1)
-        ax_time.set_xlabel('epoch')
+        _epoch_axis(ax_time)
         ax_time.set_ylabel('time [s]')
         ax_time.grid(alpha=0.3)
         ax_time.legend(**_LEGEND_OUTSIDE)
 
         ax_lr.plot(epochs, logging['lrs'][:num_epochs], color='b', linewidth=2.5, marker=marker,
                    label='learning rate')
-        ax_lr.set_xlabel('epoch')
+        _epoch_axis(ax_lr)
         ax_lr.set_ylabel('learning rate')
         ax_lr.grid(alpha=0.3)
         ax_lr.legend(**_LEGEND_OUTSIDE)
