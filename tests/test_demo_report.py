@@ -26,6 +26,11 @@ def test_epoch_progress_one_line_per_epoch():
     second = [line.replace('Epoch 0', 'Epoch 1') for line in NNUNET_EPOCH.splitlines() if 'train_sup' not in line]
     shown = [out for out in map(progress.feed, second) if out is not None]
     assert shown == ['epoch 2/8: train_loss 0.838, val_loss 0.211, pseudo Dice 0.26 / 0.50, 27.4 s']
+    # The silent minutes of nnU-Net's final validation are announced, and its result shown.
+    assert progress.feed('2026-12-03 06:33:31.229390: Training done.') == \
+        'training done; nnU-Net now predicts its validation cases (final validation)'
+    assert progress.feed('2026-12-03 06:35:46.613139: Mean Validation Dice:  0.5299632247060168') == \
+        'final validation: mean Dice 0.530'
 
 
 def test_epoch_progress_samples_the_load(monkeypatch):

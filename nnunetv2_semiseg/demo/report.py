@@ -32,7 +32,8 @@ class EpochProgress:
     """Turns nnU-Net's training output into one line per epoch:
     ``epoch 3/8: train_loss 0.512 (sup 0.447), val_loss 0.601, pseudo Dice 0.71, 12.3 s``.
 
-    Feed it every output line; :meth:`feed` returns a line when an epoch's "Epoch time" arrives, else None. It also
+    Feed it every output line; :meth:`feed` returns a line when an epoch's "Epoch time" arrives (and when training
+    ends and the final validation is done), else None. It also
     samples the load average at each epoch end (:attr:`loads`), to tell whether other work shared the CPU."""
     num_epochs: int
     sample_load: bool = True
@@ -55,6 +56,11 @@ class EpochProgress:
             numbers = re.findall(r'(?<![\w.])(\d*\.\d+|\d+)(?![\w.])', match.group(1).replace('np.float32', ''))
             self._values['dice'] = ' / '.join(f'{float(n):.2f}' for n in numbers)
             return None
+        if text == 'Training done.':   # nnU-Net's final validation follows: minutes on a CPU, say so
+            return 'training done; nnU-Net now predicts its validation cases (final validation)'
+        match = re.fullmatch(r'Mean Validation Dice: +' + _NUMBER, text)
+        if match:
+            return f'final validation: mean Dice {float(match.group(1)):.3f}'
         match = re.fullmatch(r'Epoch time: ' + _NUMBER + ' s', text)
         if match and self._epoch is not None:
             if self.sample_load:
