@@ -3,6 +3,7 @@ import glob
 import importlib.util
 import json
 import os
+import time
 
 import matplotlib.pyplot as plt
 import pytest
@@ -164,5 +165,11 @@ def test_terms_reach_weights_and_biases_offline(workspace, monkeypatch):
     # wandb wrote them into the offline run (the .wandb file holds the history records uncompressed).
     runs = glob.glob(os.path.join(trainer.output_folder, 'wandb', 'offline-run-*', '*.wandb'))
     assert len(runs) == 1
-    data = open(runs[0], 'rb').read()
+    # wandb's service process may still be writing the file after finish() returns: wait for it (60 s at most).
+    deadline = time.time() + 60
+    while True:
+        data = open(runs[0], 'rb').read()
+        if (b'train_sup' in data and b'train_cons' in data) or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert b'train_sup' in data and b'train_cons' in data
