@@ -8,7 +8,8 @@ state, :meth:`after_optimizer_step`, :meth:`semiseg_state` / :meth:`load_semiseg
 * batch composition (labeled batch from the plans, ``unlabeled_batch_size`` per rank under DDP);
 * the training fraction used by ramp-ups (:mod:`nnunetv2_semiseg.trainers.ramps`);
 * AMP (CUDA autocast + GradScaler), gradient clipping and the optimizer step, as in nnU-Net's ``train_step``;
-* per-term loss logging (``train_<term>``, one value per epoch) and ``progress_terms.png``;
+* per-term loss logging (``train_<term>``, one value per epoch), ``progress_terms.png`` and a ``progress.png``
+  whose training curve is the supervised part of the loss;
 * extra checkpoint state under ``checkpoint['semiseg']``, restored on ``--c`` (absent key tolerated), with the
   schedule record that ``--c`` compares (:func:`~nnunetv2_semiseg.trainers.schedule.check_resume_schedule`);
 * the start-of-run summary in the log (cases, batches, each term's weight and ramp, class attributes) and each
@@ -43,7 +44,7 @@ from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resu
 from nnunetv2_semiseg.trainers.schedule import (add_schedule_to_debug_json, apply_schedule_overrides,
                                                 check_resume_schedule, describe_schedule, final_validation_skipped,
                                                 save_snapshot_if_requested, schedule_record)
-from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
+from nnunetv2_semiseg.utilities.progress_logger import SemiSupervisedLocalLogger, SupervisedCurve
 
 
 pretrained_weights.install()  # routes -pretrained_weights of nnUNetv2_train to load_pretrained_weights below
@@ -100,6 +101,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     unlabeled_two_views: bool = False
     # Names of the loss terms returned by compute_loss_terms (besides 'loss'); logged as train_<name>.
     loss_term_names: Sequence[str] = ('sup',)
+    # The training curve of progress.png; None: derived from loss_term_names (utilities/progress_logger.py).
+    progress_supervised_curve: Optional[SupervisedCurve] = None
     # torch.compile (nnU-Net's default on CUDA) of the student. Methods that pass a Python callable through the
     # forward (``train_fn``) should switch it off: a new closure per step would defeat the compiled graph's guards.
     allow_torch_compile: bool = True
@@ -117,6 +120,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.non_finite_guard = NonFiniteLossGuard(trainer_name=type(self).__name__)
         self.unlabeled_folder = os.path.join(self.preprocessed_dataset_folder_base,
                                              unlabeled_folder_name(self.configuration_manager.data_identifier))
+        # progress.png: the supervised part of the training loss against the validation loss, not the total.
+        self.logger.local_logger = SemiSupervisedLocalLogger.replacing(
+            self.logger.local_logger, self.loss_term_names, self.progress_supervised_curve)
         for key in self.term_log_keys():
             self.logger.local_logger.my_fantastic_logging[key] = []
 
@@ -362,11 +368,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 self.print_to_log_file(f'train_{term}', value, f'(weight {weights[term]:.4g})')
             else:
                 self.print_to_log_file(f'train_{term}', value)
-        super().on_epoch_end()
-        if self.local_rank == 0:
-            plot_loss_terms({t: self.logger.local_logger.my_fantastic_logging[k]
-                             for t, k in zip(self.loss_term_names, self.term_log_keys())},
-                            os.path.join(self.output_folder, 'progress_terms.png'))
+        super().on_epoch_end()  # draws progress.png and progress_terms.png (SemiSupervisedLocalLogger)
         save_snapshot_if_requested(self)
 
     # ----------------------------------------------------------------------------------------------------------
