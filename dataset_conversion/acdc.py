@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from dataset_conversion import common
-from dataset_conversion.common import ConversionError
+from dataset_conversion.common import ConversionError, accept_underscore_spellings
 
 DEFAULT_DATASET_ID = 102
 DEFAULT_NAME = "ACDC"
@@ -114,7 +114,14 @@ def find_patients(input_folder: Path, fmt: str) -> tuple[str, dict[str, Path]]:
                 # a patient folder of the NIfTI release holds Info.cfg or at least one frame file
                 if d.is_dir() and PATIENT_RE.match(d.name) and (
                         (d / "Info.cfg").is_file() or any(d.glob(f"{d.name}_frame*.nii.gz"))):
-                    patients.setdefault(d.name, d)
+                    first = patients.setdefault(d.name, d)
+                    # The same patient in two folders (training/ and testing/, or two unpacked copies): which copy
+                    # is meant is unknowable, and taking the first silently could mix test data into training.
+                    if first != d and first.resolve() != d.resolve():
+                        raise ConversionError(
+                            f"Patient {d.name} is present twice: {first} and {d}. Remove or rename one copy (the "
+                            f"release has training/patient001..100 and testing/patient101..150), or point -i at "
+                            f"the folder that holds the copy you want.")
         if patients:
             return "nifti", patients
     if fmt in ("auto", "h5"):
@@ -225,6 +232,7 @@ def convert_case(task: CaseTask) -> dict:
     need_label = task.role != common.ROLE_UNLABELED
     loader = _load_h5 if task.fmt == "h5" else _load_nifti
     image, label, spacing, origin, direction = loader(task, need_label)
+    common.check_finite_voxels(image, task.frame.case_id, task.frame.image_file)
     image_path, label_path = common.output_paths(task.out_folder, task.role, task.frame.case_id)
     common.write_nifti(image, image_path, spacing, origin, direction)
     if label_path is not None:
@@ -258,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=("X", "Y", "Z"), help="spacing (mm) written for h5 input, which stores none")
     p.add_argument("--normalization", choices=("auto", "zscore", "noNorm", "rescale_to_0_1"), default="auto",
                    help="dataset.json channel name (nnU-Net normalisation); auto = zscore for NIfTI, noNorm for h5")
-    return p
+    return accept_underscore_spellings(p)
 
 
 def _read_patient_list(path: Path | None, packaged: str | None) -> tuple[list[str] | None, str | None]:
@@ -289,7 +297,7 @@ def convert(args: argparse.Namespace) -> Path:
     assignment = common.resolve_split(
         train_ids, test_ids, train_source=train_source, test_source=test_source, labeled_n=args.labeled,
         labeled_ids=labeled_ids, labeled_source=str(args.labeled_list), present=patients,
-        only_present=args.only_present, unit="patient",
+        only_present=args.only_present, unit="patient", found_lists_dir=args.write_found_lists,
         location_hint=(f"{next(iter(patients.values())).parent}/patientXXX/ with Info.cfg" if fmt == "nifti"
                        else f"{next(iter(patients.values()))}/patientXXX_frame01.h5 and _frame02.h5"))
 

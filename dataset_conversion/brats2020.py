@@ -33,7 +33,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
-    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_ids_known,
+    accept_underscore_spellings,
+    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_finite_voxels,
+    check_ids_known,
     check_image_integrity, check_label_values, check_labeled_in_train, dataset_folder_name, load_packaged_list,
     output_paths, parallel_map, read_id_list, spacing_outlier_warnings, resolve_output_root, resolve_split, run_main,
     write_dataset_json, write_json, write_split_manifest)
@@ -189,6 +191,7 @@ def convert_case(job: dict) -> dict:
             raise ConversionError(f'case {case_id}: cannot read {path} ({e}). Re-download the case.') from e
         if img.GetDimension() != 3:
             raise ConversionError(f'case {case_id}: {path} is {img.GetDimension()}D, expected a 3D volume.')
+        check_finite_voxels(img, case_id, path)
         if reference is None:
             reference = img
         elif not _same_grid(reference, img):
@@ -239,7 +242,7 @@ def get_parser():
                    help=f'--split seeded: seed of the split ({SEEDED_DEFAULT_SEED} = the shipped lists)')
     p.add_argument('--name-mapping', dest='name_mapping', type=Path, default=None,
                    help='--split ssl4mis2019: name_mapping.csv (default: the one in the release folder)')
-    return p
+    return accept_underscore_spellings(p)
 
 
 def _split_lists(args, folder: Path) -> Tuple[List[str], List[str], str, str, dict]:
@@ -299,7 +302,7 @@ def convert(args) -> Path:
         extra['labeled_fraction'] = args.labeled_fraction
     assignment = resolve_split(train, test, train_source=train_src, test_source=test_src, labeled_n=labeled_n,
                                labeled_ids=labeled_ids, labeled_source=labeled_src, present=cases.keys(),
-                               only_present=args.only_present)
+                               only_present=args.only_present, found_lists_dir=args.write_found_lists)
 
     modalities = ('flair',) if args.modalities == 'flair' else MODALITIES_ALL
     # Resolve every file before writing anything: a missing file fails the run in seconds, not after an hour.

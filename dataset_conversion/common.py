@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from nnunetv2_semiseg.utilities.cli import positive_int
+from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings, positive_int
 
 SPLITS_PACKAGE = "dataset_conversion"
 SPLITS_SUBDIR = "splits"
@@ -111,6 +111,10 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
                    help="drop list entries whose files are missing from the input instead of failing "
                         "(the dropped IDs are recorded in semiseg_split.json); the labeled set is chosen AFTER "
                         "dropping, so it can differ from the published protocol")
+    p.add_argument("--write-found-lists", dest="write_found_lists", type=Path, default=None, metavar="DIR",
+                   help="write the split's training and test lists reduced to the cases present in the input to "
+                        "DIR/train.txt and DIR/test.txt (for --train-list/--test-list with a partial download), "
+                        "also when cases are missing")
     return p
 
 
@@ -186,15 +190,16 @@ class SplitAssignment:
 def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_source: str, test_source: str,
                   labeled_n: int | None = None, labeled_ids: Sequence[str] | None = None,
                   labeled_source: str | None = None, present: Iterable[str] | None = None,
-                  only_present: bool = False, unit: str = "case", location_hint: str | None = None
-                  ) -> SplitAssignment:
+                  only_present: bool = False, unit: str = "case", location_hint: str | None = None,
+                  found_lists_dir: Path | None = None) -> SplitAssignment:
     """Split a training list into labeled/unlabeled and check the test list.
 
     labeled_n: first N of train_ids (literature convention). labeled_ids: explicit list (must be a subset of
     train_ids). Neither: everything labeled. ``present``: the IDs available in the input; list entries not present
     are an error, or are dropped (and recorded) when only_present is True. ``unit`` only changes the wording of
     messages (ACDC resolves patients, not frames). ``location_hint`` (e.g. "<root>/<ID>/mri_norm2.h5") tells the
-    user where a missing case was looked for.
+    user where a missing case was looked for. ``found_lists_dir`` (--write-found-lists): the lists reduced to the
+    present IDs are written there (train.txt, test.txt) before a missing case fails the run.
     """
     train_ids, test_ids = list(train_ids), list(test_ids)
     if labeled_ids is not None:
@@ -206,13 +211,18 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
     if present is not None:
         present = set(present)
         missing = [i for i in train_ids + test_ids if i not in present]
+        found_note = ""
+        if found_lists_dir is not None:
+            found_note = write_found_lists(found_lists_dir, [i for i in train_ids if i in present],
+                                           [i for i in test_ids if i in present], unit)
         if missing and not only_present:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ConversionError(
                 f"{len(missing)} {unit}(s) of the split lists are missing from the input ({shown}; first from "
                 f"{train_source if missing[0] in train_ids else test_source})"
                 f"{'; expected ' + location_hint if location_hint else ''}. Fix: download the complete "
-                f"release, or pass --train-list/--test-list with only the {unit}s you have, or --only-present.")
+                f"release, or pass --train-list/--test-list with only the {unit}s you have, or --only-present."
+                f"{' ' + found_note if found_note else ''}")
         dropped = missing
         train_ids = [i for i in train_ids if i in present]
         test_ids = [i for i in test_ids if i in present]
@@ -246,6 +256,29 @@ def resolve_split(train_ids: Sequence[str], test_ids: Sequence[str], *, train_so
     provenance = {"train_list": train_source, "test_list": test_source, "labeled_rule": rule,
                   "dropped_missing_from_input": dropped}
     return SplitAssignment(labeled, unlabeled, test_ids, provenance)
+
+
+def write_found_lists(folder: Path | str, train_ids: Sequence[str], test_ids: Sequence[str], unit: str = "case"
+                      ) -> str:
+    """Write ``folder/train.txt`` and ``folder/test.txt`` (one ID per line, list order kept); returns a one-line note
+    saying how to use them. Each file is written under a temporary name and renamed, so an existing list is only
+    replaced by a complete one."""
+    from nnunetv2_semiseg.utilities.write_errors import describe_write_failure
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, ids in (("train.txt", train_ids), ("test.txt", test_ids)):
+            tmp = folder / f".{name}.tmp{os.getpid()}"
+            tmp.write_text("".join(f"{i}\n" for i in ids))
+            os.replace(tmp, folder / name)
+    except OSError as e:
+        raise ConversionError(describe_write_failure(e, folder) or f"Cannot write the found lists to {folder}: {e}"
+                              ) from None
+    note = (f"The lists of the {unit}s present were written to {folder}/train.txt ({len(train_ids)}) and "
+            f"{folder}/test.txt ({len(test_ids)}): pass --train_list {folder}/train.txt --test_list "
+            f"{folder}/test.txt.")
+    print(note, file=sys.stderr)
+    return note
 
 
 def check_ids_known(ids: Iterable[str], known: Iterable[str], source: str, unit: str = "case") -> None:
@@ -308,14 +341,29 @@ class DatasetWriter:
     def __enter__(self) -> "DatasetWriter":
         from nnunetv2_semiseg.utilities import safe_io
         self.check_target()
-        self.root.mkdir(parents=True, exist_ok=True)
-        # Leftovers of killed conversions of this dataset whose process is gone (a live run's are kept).
-        safe_io.remove_stale_temp_dirs(self.root, (f"{self.TEMP_PREFIX}{self.folder_name}_",
-                                                   f"{self.OLD_PREFIX}{self.folder_name}_"))
-        self.tmp = Path(safe_io.make_temp_dir(self.root, f"{self.TEMP_PREFIX}{self.folder_name}_"))
-        for sub in self.subfolders:
-            (self.tmp / sub).mkdir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Leftovers of killed conversions of this dataset whose process is gone (a live run's are kept).
+            safe_io.remove_stale_temp_dirs(self.root, (f"{self.TEMP_PREFIX}{self.folder_name}_",
+                                                       f"{self.OLD_PREFIX}{self.folder_name}_"))
+            self.tmp = Path(safe_io.make_temp_dir(self.root, f"{self.TEMP_PREFIX}{self.folder_name}_"))
+            for sub in self.subfolders:
+                (self.tmp / sub).mkdir()
+        except OSError as e:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_write_failure(e)
+            raise
         return self
+
+    def _raise_if_write_failure(self, error: BaseException) -> None:
+        # SimpleITK on a full disk says 'NWAD: wrote only 0 of ...': name the path and the cause instead.
+        from nnunetv2_semiseg.utilities.write_errors import describe_write_failure, untouched_note
+        if not isinstance(error, Exception) or isinstance(error, ConversionError):
+            return
+        message = describe_write_failure(error, self.target)
+        if message:
+            raise ConversionError(message + untouched_note(self.target)) from None
 
     def path(self, *parts: str) -> Path:
         assert self.tmp is not None, "use DatasetWriter as a context manager"
@@ -324,11 +372,13 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_write_failure(exc)
             return False
         try:
             self._commit()
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._raise_if_write_failure(e)
             raise
         return False
 
@@ -428,6 +478,23 @@ def check_image_integrity(path, case_id: str) -> None:
         check_image_file(path)
     except CorruptImageError as e:
         raise ConversionError(f"Case {case_id}: {e} Re-download it or exclude the case from the lists.") from None
+
+
+def check_finite_voxels(image, case_id: str, source) -> None:
+    """Refuse NaN / Inf voxels (h5 and NRRD keep them): nnU-Net's normalisation would turn the whole case into NaN
+    and training would diverge. ``image``: numpy array or SimpleITK image. Same counts as the unlabeled
+    preprocessing's check (``nnunetv2_semiseg.data.preprocess_unlabeled.count_non_finite_array``)."""
+    from nnunetv2_semiseg.data.preprocess_unlabeled import count_non_finite_array
+    if not isinstance(image, np.ndarray):
+        import SimpleITK as sitk
+        image = sitk.GetArrayViewFromImage(image)
+    counts = count_non_finite_array(image)
+    if counts is None or counts[0] + counts[1] == 0:
+        return
+    nan, inf, total = counts
+    raise ConversionError(f"Case {case_id}: {source} holds {nan + inf} non-finite voxel(s) of {total} ({nan} NaN, "
+                          f"{inf} Inf); nnU-Net's normalisation would make the whole case NaN. Replace them in the "
+                          f"source (e.g. with the background value) or exclude the case from the lists.")
 
 
 # A case's spacing is "far" from the labeled cases' when it lies outside [smallest / 2, largest * 2] on some axis
@@ -546,7 +613,7 @@ def parallel_map(func: Callable, items: Sequence, num_processes: int = 1, desc: 
 def run_main(convert: Callable[[argparse.Namespace], Path], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None) -> int:
     """Parse argv, run ``convert(args)``; print ConversionError messages (no traceback) and return 2 for them."""
-    args = parser.parse_args(argv)
+    args = accept_underscore_spellings(parser).parse_args(argv)
     try:
         target = convert(args)
     except ConversionError as e:

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from dataset_conversion import common
-from dataset_conversion.common import ConversionError
+from dataset_conversion.common import ConversionError, accept_underscore_spellings
 
 DEFAULT_DATASET_ID = 101
 DEFAULT_NAME = "LA"
@@ -143,6 +143,8 @@ def convert_case(task: CaseTask) -> dict:
     need_label = task.role != common.ROLE_UNLABELED
     loader = _load_h5 if task.fmt == "h5" else _load_nrrd
     image, label, spacing, origin, direction = loader(task, need_label)
+    common.check_finite_voxels(image, task.case_id,
+                               Path(task.case_folder) / (H5_FILE if task.fmt == "h5" else RAW_IMAGE_FILE))
     image_path, label_path = common.output_paths(task.out_folder, task.role, task.case_id)
     common.write_nifti(image, image_path, spacing, origin, direction)
     if label_path is not None:
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="isotropic spacing written for h5 input (the h5 files store none)")
     p.add_argument("--normalization", choices=("zscore", "noNorm"), default="zscore",
                    help="dataset.json channel name, i.e. nnU-Net's intensity normalisation (see module doc)")
-    return p
+    return accept_underscore_spellings(p)
 
 
 def convert(args: argparse.Namespace) -> Path:
@@ -189,7 +191,8 @@ def convert(args: argparse.Namespace) -> Path:
         train_ids, test_ids, train_source=train_source, test_source=test_source, labeled_n=args.labeled,
         labeled_ids=labeled_ids, labeled_source=str(args.labeled_list), present=cases,
         only_present=args.only_present,
-        location_hint=str(next(iter(cases.values())).parent / "<ID>" / FORMAT_MARKER[fmt]))
+        location_hint=str(next(iter(cases.values())).parent / "<ID>" / FORMAT_MARKER[fmt]),
+        found_lists_dir=args.write_found_lists)
 
     with writer:
         tasks = [CaseTask(cid, str(cases[cid]), fmt, role, str(writer.tmp), args.h5_spacing)

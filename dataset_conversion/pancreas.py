@@ -25,7 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dataset_conversion.common import (
-    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_image_integrity,
+    accept_underscore_spellings,
+    ROLE_LABELED, ROLE_TEST, ROLE_UNLABELED, ConversionError, DatasetWriter, build_parser, check_finite_voxels,
+    check_image_integrity,
     check_label_values, check_labeled_in_train, spacing_outlier_warnings, dataset_folder_name, load_packaged_list,
     output_paths, parallel_map, read_h5, read_id_list, resolve_output_root, resolve_split, run_main,
     write_dataset_json, write_nifti, write_split_manifest)
@@ -230,12 +232,14 @@ def convert_case(job: dict) -> dict:
     note = warning = ''
     if job['format'] == 'h5':
         image, label = read_h5_case(Path(job['h5']), case_id, need_label)
+        check_finite_voxels(image, case_id, job['h5'])
         spacing, origin, direction = (1.0, 1.0, 1.0), None, None
     else:
         import SimpleITK as sitk
         img, lab, note = read_dicom_case(Path(job['dicom']), Path(job['label']) if need_label else None,
                                          case_id, job['label_geometry'])
         image = sitk.GetArrayFromImage(img)
+        check_finite_voxels(image, case_id, job['dicom'])  # before the int16 cast turns NaN into garbage
         # HU of CT fit int16; the series reader returns float when RescaleSlope is not 1.
         image = np.round(image).astype(np.int16) if np.issubdtype(image.dtype, np.floating) else image.astype(np.int16)
         label = _binary_label(sitk.GetArrayFromImage(lab), case_id, job['label']) if lab is not None else None
@@ -269,7 +273,7 @@ def get_parser():
     p.add_argument('--h5-channel-name', dest='h5_channel_name', default='noNorm',
                    help='h5 form: dataset.json channel name; noNorm keeps the release\'s normalised intensities, '
                         'zscore makes nnU-Net z-score each image again')
-    return p
+    return accept_underscore_spellings(p)
 
 
 def _split_lists(args) -> Tuple[List[str], List[str], str, str]:
@@ -359,7 +363,7 @@ def convert(args) -> Path:
         labeled_ids = [i for i in labeled_ids if i in sources]  # dropped IDs are recorded by resolve_split
     assignment = resolve_split(train, test, train_source=train_src, test_source=test_src, labeled_n=args.labeled,
                                labeled_ids=labeled_ids, labeled_source=labeled_src, present=sources.keys(),
-                               only_present=args.only_present)
+                               only_present=args.only_present, found_lists_dir=args.write_found_lists)
 
     # A labeled or test case needs its label; unlabeled cases never have theirs read.
     if fmt == 'dicom':

@@ -115,9 +115,13 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
                           f'checkpoint with -chk.')
     check_output_folder(model_folder, output_folder, overwrite)
     parent = os.path.dirname(os.path.abspath(output_folder))
-    os.makedirs(parent, exist_ok=True)
-    safe_io.remove_stale_temp_dirs(parent, (TEMP_PREFIX, OLD_PREFIX))
-    tmp = safe_io.make_temp_dir(parent, TEMP_PREFIX)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        safe_io.remove_stale_temp_dirs(parent, (TEMP_PREFIX, OLD_PREFIX))
+        tmp = safe_io.make_temp_dir(parent, TEMP_PREFIX)
+    except OSError as e:
+        _raise_if_write_failure(e, output_folder)
+        raise
     try:
         for name in ('dataset.json', 'plans.json', 'dataset_fingerprint.json'):
             if os.path.isfile(os.path.join(model_folder, name)):
@@ -160,10 +164,20 @@ def export_plain(model_folder: str, output_folder: str, folds: Optional[Sequence
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, ExportError):
+            _raise_if_write_failure(e, output_folder)
         raise
     return output_folder
+
+
+def _raise_if_write_failure(error: Exception, output_folder: str) -> None:
+    # torch.save on a full disk says 'unexpected pos'; name the path and the cause instead of a traceback.
+    from nnunetv2_semiseg.utilities.write_errors import describe_write_failure, untouched_note
+    message = describe_write_failure(error, output_folder)
+    if message:
+        raise ExportError(message + untouched_note(output_folder)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -182,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--stream', choices=['A', 'B'], default=None,
                         help='nnUNetTrainerDualStream models only: which stream to export (default A, the plain '
                              'U-Net; B is the residual-encoder U-Net)')
-    args = parser.parse_args(argv)
+    from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings
+    args = accept_underscore_spellings(parser).parse_args(argv)
     try:
         out = export_plain(args.i, args.o, args.f, args.chk, args.overwrite, args.stream)
     except ExportError as e:

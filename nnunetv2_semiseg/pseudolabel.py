@@ -34,7 +34,7 @@ import sys
 import uuid
 from typing import Dict, List, Optional, Sequence, Union
 
-from nnunetv2_semiseg.utilities.cli import non_negative_int
+from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings, non_negative_int
 
 MANIFEST_FILENAME = 'semiseg_pseudolabels.json'
 UNLABELED_FOLDER = 'imagesUnlabeled'
@@ -356,9 +356,13 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
 
     target = os.path.join(roots['nnUNet_raw'], new_folder_name)
     # Leftovers of killed runs for this dataset (their process is gone); a live run's folders are kept.
-    safe_io.remove_stale_temp_dirs(roots['nnUNet_raw'], (f'.tmp_pseudolabel_{new_folder_name}_',
-                                                         f'.old_pseudolabel_{new_folder_name}_'))
-    tmp = safe_io.make_temp_dir(roots['nnUNet_raw'], f'.tmp_pseudolabel_{new_folder_name}_')
+    try:
+        safe_io.remove_stale_temp_dirs(roots['nnUNet_raw'], (f'.tmp_pseudolabel_{new_folder_name}_',
+                                                             f'.old_pseudolabel_{new_folder_name}_'))
+        tmp = safe_io.make_temp_dir(roots['nnUNet_raw'], f'.tmp_pseudolabel_{new_folder_name}_')
+    except OSError as e:
+        _raise_if_write_failure(e, target)
+        raise
     try:
         images_tr, labels_tr = os.path.join(tmp, 'imagesTr'), os.path.join(tmp, 'labelsTr')
         os.makedirs(images_tr)
@@ -457,8 +461,10 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, PseudoLabelError):
+            _raise_if_write_failure(e, target)
         raise
 
     log(f'Wrote {target}: {len(labeled)} real-labeled + {len(unlabeled)} pseudo-labeled training cases'
@@ -473,6 +479,14 @@ def make_pseudolabel_dataset(dataset_name_or_id, configuration: str, trainer: st
         f'then nnUNetv2_train {new_dataset_id} {configuration} all (or --splits_real_only for folds 0-4; see '
         f'docs/self_training.md).')
     return target
+
+
+def _raise_if_write_failure(error: Exception, target: str) -> None:
+    # The predictor's writers and copies fail on a full or read-only disk with their own words; say which path.
+    from nnunetv2_semiseg.utilities.write_errors import describe_write_failure, untouched_note
+    message = describe_write_failure(error, target)
+    if message:
+        raise PseudoLabelError(message + untouched_note(target)) from None
 
 
 def _package_version(name: str) -> Optional[str]:
@@ -615,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              'nnUNet_preprocessed/DatasetNEW_*/splits_final.json '
                              'with only real-labeled cases in validation (run after nnUNetv2_plan_and_preprocess -d '
                              'NEW). Needs only -o')
-    args = parser.parse_args(argv)
+    args = accept_underscore_spellings(parser).parse_args(argv)
 
     try:
         if args.splits_real_only:

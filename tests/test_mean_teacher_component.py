@@ -234,5 +234,5 @@ def test_checkpoint_in_the_pre_extraction_layout_resumes(ws, tmp_path):
     # and it writes the same layout back
     resumed.save_checkpoint(str(tmp_path / 'again.pth'))
     again = torch.load(str(tmp_path / 'again.pth'), map_location='cpu', weights_only=False)
-    assert set(again['semiseg']) == {'global_iteration', 'teacher_weights'}
+    assert set(again['semiseg']) == {'global_iteration', 'teacher_weights', 'schedule'}
     assert set(again['semiseg']['teacher_weights']) == set(teacher_weights)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
-from nnunetv2_semiseg.utilities.cli import positive_int
+from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings, positive_int
 
 RECORD_FILENAME = 'semiseg_unlabeled.json'
 UNLABELED_RAW_FOLDER = 'imagesUnlabeled'
@@ -103,6 +103,15 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
         path = os.path.join(folder, name)
         if name.startswith('.') or os.path.isdir(path):
             continue
+        if os.path.islink(path) and not os.path.exists(path):
+            # Reading it would fail like a truncated file; the cause is a moved or unmounted target.
+            target = os.readlink(path)
+            resolved = os.path.normpath(os.path.join(folder, target))
+            raise UnlabeledPreprocessingError(
+                f"{path} is a broken symbolic link: it points to {target}"
+                + (f" ({resolved})" if resolved != target else '')
+                + ", which does not exist. Mount or restore the target, re-create the link, or remove it from "
+                  f"{UNLABELED_RAW_FOLDER}/.")
         if not name.endswith(file_ending):
             raise UnlabeledPreprocessingError(
                 f"{path}: file ending does not match the dataset's file_ending '{file_ending}' (dataset.json). "
@@ -192,9 +201,17 @@ def _axis_code(direction, dimension: int) -> str:
 SPACING_FACTOR = 2.0
 
 
+def count_non_finite_array(voxels) -> Optional[tuple]:
+    """(NaN count, +-Inf count, total voxels) of an array; None for integer arrays (always finite)."""
+    import numpy as np
+    voxels = np.asarray(voxels)
+    if not np.issubdtype(voxels.dtype, np.floating):
+        return None
+    return int(np.count_nonzero(np.isnan(voxels))), int(np.count_nonzero(np.isinf(voxels))), int(voxels.size)
+
+
 def count_non_finite_voxels(path: str) -> Optional[tuple]:
     """(NaN count, +-Inf count, total voxels) of an image file; None for integer pixel types (always finite)."""
-    import numpy as np
     import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
@@ -202,10 +219,7 @@ def count_non_finite_voxels(path: str) -> Optional[tuple]:
     if 'float' not in sitk.GetPixelIDValueAsString(reader.GetPixelID()):
         return None
     image = reader.Execute()  # kept referenced: the array view below borrows its buffer
-    voxels = sitk.GetArrayViewFromImage(image)
-    nan = int(np.count_nonzero(np.isnan(voxels)))
-    inf = int(np.count_nonzero(np.isinf(voxels)))
-    return nan, inf, int(voxels.size)
+    return count_non_finite_array(sitk.GetArrayViewFromImage(image))
 
 
 def check_finite_voxels(case_id: str, path: str, error=None) -> None:
@@ -223,6 +237,27 @@ def check_finite_voxels(case_id: str, path: str, error=None) -> None:
         f"Unlabeled case '{case_id}': {path} holds {nan + inf} non-finite voxel(s) of {total} ({nan} NaN, {inf} "
         f"Inf). Normalisation would turn the whole case into NaN and training would diverge. Replace them in the "
         f"source image (e.g. with the background value) or remove the case from {UNLABELED_RAW_FOLDER}/.")
+
+
+def check_scalar_image(case_id: str, path: str, num_channels: int, error=None) -> None:
+    """One component per voxel: nnU-Net reads one file per channel, and a vector (e.g. RGB) image ends in an
+    IndexError deep inside its reader. Refuse it naming the file and the component count."""
+    import SimpleITK as sitk
+    error = error or UnlabeledPreprocessingError
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # unreadable: reported by name by the reader checks
+    components = reader.GetNumberOfComponents()
+    if components > 1:
+        raise error(
+            f"Unlabeled case '{case_id}': {path} has {components} components per voxel (a vector/RGB image), but "
+            f"nnU-Net expects one scalar image per channel and this dataset has {num_channels} channel(s). Save each "
+            f"component as its own channel file if it is one (CASE_0000, CASE_0001, ... and the same channels in "
+            f"dataset.json), or convert the image to a single component (e.g. grey values), or remove it from "
+            f"{UNLABELED_RAW_FOLDER}/.")
 
 
 def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str, dataset_json: dict,
@@ -243,6 +278,9 @@ def check_unlabeled_images(cases: Dict[str, List[str]], raw_dataset_folder: str,
                 check_image_file(path)
             except CorruptImageError as e:
                 raise error(f"Unlabeled case '{case_id}': {e} Or remove it from {UNLABELED_RAW_FOLDER}/.") from None
+    for case_id, files in cases.items():
+        for path in files:
+            check_scalar_image(case_id, path, len(files), error)
     for case_id, files in cases.items():
         for path in files:
             check_finite_voxels(case_id, path, error)
@@ -317,7 +355,81 @@ def read_record(folder: str) -> Optional[dict]:
         return json.load(f)
 
 
+def raw_unlabeled_case_ids(raw_dataset_folder: str, file_ending: str) -> Optional[set]:
+    """Case IDs of the ``CASE_XXXX<file_ending>`` files in ``imagesUnlabeled/`` (None if the folder is absent).
+    Lenient on purpose: misnamed files are the preprocessing command's to report, not training's."""
+    folder = os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)
+    if not os.path.isdir(folder):
+        return None
+    pattern = re.compile(r'(.+)_\d{4}' + re.escape(file_ending) + r'$')
+    return {m.group(1) for m in map(pattern.match, os.listdir(folder)) if m}
+
+
+def _first_names(ids, limit: int = 8) -> str:
+    ids = sorted(ids)
+    shown = ', '.join(ids[:limit])
+    return shown + (f' ... ({len(ids) - limit} more)' if len(ids) > limit else '')
+
+
+def unlabeled_set_mismatch(preprocessed_folder: str, raw_dataset_folder: str, file_ending: str,
+                           command: str) -> Optional[str]:
+    """One-line warning when ``imagesUnlabeled/`` holds other cases than the preprocessed folder (images added or
+    removed after ``nnUNetv2_semiseg_preprocess_unlabeled``): training would silently use the old set. None when
+    they match, or when either side cannot be compared (raw folder not on this machine, record without IDs)."""
+    record = read_record(preprocessed_folder)
+    if not record or 'case_ids' not in record:
+        return None
+    raw_ids = raw_unlabeled_case_ids(raw_dataset_folder, file_ending)
+    if raw_ids is None:
+        return None
+    preprocessed_ids = set(record['case_ids'])
+    not_preprocessed, removed = raw_ids - preprocessed_ids, preprocessed_ids - raw_ids
+    if not not_preprocessed and not removed:
+        return None
+    parts = []
+    if not_preprocessed:
+        parts.append(f'{len(not_preprocessed)} case(s) in imagesUnlabeled/ are not preprocessed '
+                     f'({_first_names(not_preprocessed)})')
+    if removed:
+        parts.append(f'{len(removed)} preprocessed case(s) are no longer in imagesUnlabeled/ '
+                     f'({_first_names(removed)})')
+    return (f"{os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)} changed since {preprocessed_folder} was "
+            f"preprocessed ({record.get('created', 'date unknown')}): {'; '.join(parts)}. This training uses the "
+            f"preprocessed set as it is; to train on the current images, stop and re-run: {command}")
+
+
 TEMP_INFIX, OLD_INFIX = '.tmp_', '.old_'
+
+
+def known_datasets() -> List[str]:
+    """DatasetXXX_Name folders in nnUNet_raw and nnUNet_preprocessed (for the 'not found' message)."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    names = set()
+    for root in (nnUNet_raw, nnUNet_preprocessed):
+        if root and os.path.isdir(root):
+            names.update(d for d in os.listdir(root) if re.match(r'Dataset\d{3}_', d))
+    return sorted(names)
+
+
+def resolve_dataset_name(dataset_name_or_id) -> str:
+    """nnU-Net's ``maybe_convert_to_dataset_name`` with a one-line error (it raises a multi-line RuntimeError or a
+    ValueError, and the command showed a traceback)."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        name = str(maybe_convert_to_dataset_name(dataset_name_or_id))
+    except (RuntimeError, ValueError):
+        name = None
+    # nnU-Net returns a DatasetXXX_Name unchecked: it must exist somewhere too.
+    if name is None or not any(os.path.isdir(os.path.join(root, name)) for root in (nnUNet_raw, nnUNet_preprocessed)
+                               if root):
+        available = known_datasets()
+        raise UnlabeledPreprocessingError(
+            f"Dataset '{dataset_name_or_id}' not found in nnUNet_raw ({nnUNet_raw}) or nnUNet_preprocessed "
+            f"({nnUNet_preprocessed}). Pass -d with a dataset ID or a DatasetXXX_Name "
+            + (f"(present: {', '.join(available)})" if available else '(none is present there)')
+            + ", or set nnUNet_raw / nnUNet_preprocessed to the folders that hold it.")
+    return name
 
 
 def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str = 'nnUNetPlans',
@@ -329,14 +441,13 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise UnlabeledPreprocessingError(f'num_processes (-np) must be an integer >= 1, got {num_processes!r}.')
     if not nnUNet_raw or not nnUNet_preprocessed:
         raise UnlabeledPreprocessingError('nnUNet_raw and nnUNet_preprocessed must be set (see nnU-Net\'s '
                                           'documentation on setting up paths).')
-    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    dataset_name = resolve_dataset_name(dataset_name_or_id)
     preprocessed_base = os.path.join(nnUNet_preprocessed, dataset_name)
     plans_file = os.path.join(preprocessed_base, plans_name + '.json')
     if not os.path.isfile(plans_file):
@@ -393,8 +504,12 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
 
     # Leftovers of killed runs (their owner process is dead); a live run's folders are kept.
     base_name = os.path.basename(out_folder)
-    safe_io.remove_stale_temp_dirs(preprocessed_base, (base_name + TEMP_INFIX, base_name + OLD_INFIX))
-    tmp_folder = safe_io.make_temp_dir(preprocessed_base, base_name + TEMP_INFIX)
+    try:
+        safe_io.remove_stale_temp_dirs(preprocessed_base, (base_name + TEMP_INFIX, base_name + OLD_INFIX))
+        tmp_folder = safe_io.make_temp_dir(preprocessed_base, base_name + TEMP_INFIX)
+    except OSError as e:
+        _raise_if_write_failure(e, out_folder)
+        raise
     try:
         jobs = [(cid, files, tmp_folder, plans, configuration, dataset_json) for cid, files in cases.items()]
         progress = dict(desc=f'Unlabeled {dataset_name} {configuration}', total=len(jobs), disable=not verbose)
@@ -425,12 +540,22 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_name: str
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_folder, out_folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp_folder, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, UnlabeledPreprocessingError):
+            _raise_if_write_failure(e, out_folder)
         raise
     if verbose:
         print(f'Wrote {len(cases)} unlabeled case(s) to {out_folder}')
     return out_folder
+
+
+def _raise_if_write_failure(error: Exception, out_folder: str) -> None:
+    # blosc2 on a full disk says 'Error while creating the NDArray': name the folder and the cause instead.
+    from nnunetv2_semiseg.utilities.write_errors import describe_write_failure, untouched_note
+    message = describe_write_failure(error, out_folder)
+    if message:
+        raise UnlabeledPreprocessingError(message + untouched_note(out_folder)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -452,7 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help='accept unlabeled cases whose IDs are test cases in imagesTs (transductive use only: '
                              'the test scores are then not those of the standard protocol)')
     parser.add_argument('--verbose', action='store_true', help='unused, kept for nnU-Net CLI symmetry')
-    args = parser.parse_args(argv)
+    args = accept_underscore_spellings(parser).parse_args(argv)
     num_processes = default_num_processes if args.np is None else args.np
     try:
         for d in args.d:

@@ -9,8 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2_semiseg.demo.synthetic import make_tiny_plans
 
@@ -37,11 +38,15 @@ def training_env(env: Dict[str, str], num_epochs: int, iterations_per_epoch: int
 
     ``nnUNet_n_proc_DA=0`` runs augmentation in-process; it must not be set for planning (nnU-Net 2.8.1's
     planner calls torch.set_num_threads with it and crashes on 0).
+
+    ``nnUNet_semiseg_allow_schedule_change=1``: these scripted short runs (the tests, the GPU suite) extend a
+    finished run with ``--c`` and a longer schedule on purpose; without it ``--c`` refuses a changed schedule.
     """
     env = dict(env)
     env.update({'nnUNet_semiseg_num_epochs': str(num_epochs),
                 'nnUNet_semiseg_iterations_per_epoch': str(iterations_per_epoch),
                 'nnUNet_semiseg_val_iterations_per_epoch': str(val_iterations),
+                'nnUNet_semiseg_allow_schedule_change': '1',
                 'nnUNet_n_proc_DA': str(num_workers), 'nnUNet_def_n_proc': '1', 'nnUNet_compile': 'false'})
     if final_validation:
         env.pop('nnUNet_semiseg_skip_final_validation', None)
@@ -51,21 +56,59 @@ def training_env(env: Dict[str, str], num_epochs: int, iterations_per_epoch: int
 
 
 def run_step(command: Sequence[str], env: Dict[str, str], log_file: Optional[str] = None, echo: bool = False,
-             timeout: Optional[float] = None) -> str:
-    """Run one console command; raise StepFailed with the tail of its output if it fails."""
+             timeout: Optional[float] = None, on_line: Optional[Callable[[str], None]] = None) -> str:
+    """Run one console command; raise StepFailed with the tail of its output if it fails.
+
+    ``on_line``: called with every output line as it arrives (the demo shows training progress with it); the
+    command then runs unbuffered so that its lines are not held back until it exits."""
     started = time.time()
-    proc = subprocess.run(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8',
-                          errors='replace', timeout=timeout)
+    if on_line is None:
+        proc = subprocess.run(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              encoding='utf-8', errors='replace', timeout=timeout)
+        output, returncode = proc.stdout, proc.returncode
+    else:
+        output, returncode = _run_streaming(command, dict(env, PYTHONUNBUFFERED='1'), timeout, on_line)
     if log_file is not None:
         with open(log_file, 'a') as f:
-            f.write(f'$ {" ".join(command)}\n{proc.stdout}\n')
+            f.write(f'$ {" ".join(command)}\n{output}\n')
     if echo:
-        sys.stdout.write(proc.stdout)
-    if proc.returncode != 0:
-        tail = '\n'.join(proc.stdout.splitlines()[-40:])
-        raise StepFailed(f'Command failed (exit {proc.returncode}, {time.time() - started:.0f} s): '
+        sys.stdout.write(output)
+    if returncode != 0:
+        tail = '\n'.join(output.splitlines()[-40:])
+        raise StepFailed(f'Command failed (exit {returncode}, {time.time() - started:.0f} s): '
                          f'{" ".join(command)}\n{tail}')
-    return proc.stdout
+    return output
+
+
+def _run_streaming(command: Sequence[str], env: Dict[str, str], timeout: Optional[float],
+                   on_line: Callable[[str], None]) -> Tuple[str, int]:
+    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            encoding='utf-8', errors='replace')
+    timed_out = threading.Event()
+
+    def stop():
+        timed_out.set()
+        proc.kill()
+
+    # A timer, not a check between lines: a command that hangs silently must be stopped too.
+    timer = threading.Timer(timeout, stop) if timeout is not None else None
+    if timer is not None:
+        timer.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            on_line(line.rstrip('\n'))
+        returncode = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if proc.poll() is None:   # on_line raised: do not leave the command running
+            proc.kill()
+            proc.wait()
+    if timed_out.is_set():   # as subprocess.run(timeout=...) does
+        raise subprocess.TimeoutExpired(list(command), timeout, output=''.join(lines))
+    return ''.join(lines), returncode
 
 
 def plan_and_preprocess_tiny(env: Dict[str, str], dataset_id: int, configurations: Sequence[str] = ('3d_fullres',),
@@ -96,10 +139,11 @@ def plan_and_preprocess_tiny(env: Dict[str, str], dataset_id: int, configuration
 
 
 def train(env: Dict[str, str], dataset_id: int, configuration: str, fold, trainer: str, plans_name: str,
-          device: str = 'cpu', extra_args: Sequence[str] = (), log_file: Optional[str] = None) -> float:
+          device: str = 'cpu', extra_args: Sequence[str] = (), log_file: Optional[str] = None,
+          on_line: Optional[Callable[[str], None]] = None) -> float:
     started = time.time()
     run_step(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', trainer, '-p', plans_name,
-              '-device', device, *extra_args], env, log_file)
+              '-device', device, *extra_args], env, log_file, on_line=on_line)
     return time.time() - started
 
 

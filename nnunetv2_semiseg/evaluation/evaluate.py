@@ -693,7 +693,8 @@ def check_output_file(output_file: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from nnunetv2_semiseg.utilities.cli import accept_underscore_spellings
+    args = accept_underscore_spellings(parser).parse_args(argv)
     if args.np < 1:
         parser.error("-np must be >= 1")
     output_file = resolve_output_file(args.o, args.pred)

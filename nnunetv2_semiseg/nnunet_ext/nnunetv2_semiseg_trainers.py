@@ -28,6 +28,7 @@ from nnunetv2_semiseg.trainers.study_variants import (nnUNetTrainerBCP_pretrain2
                                                       nnUNetTrainerSSNet_unsupervised01)
 from nnunetv2_semiseg.trainers.bcp import (nnUNetTrainerBCP, nnUNetTrainerBCP_noLCC,  # noqa: F401
                                            nnUNetTrainerBCP_noPretrain, nnUNetTrainerBCP_oneDirection)
+from nnunetv2_semiseg.trainers.bcp_flpm import nnUNetTrainerBCPFLPM  # noqa: F401
 from nnunetv2_semiseg.trainers.voxel_adversarial import (nnUNetTrainerVoxelAdversarial,  # noqa: F401
                                                          nnUNetTrainerVoxelAdversarial_beta100,
                                                          nnUNetTrainerVoxelAdversarial_noAdv,

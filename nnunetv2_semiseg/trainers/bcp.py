@@ -19,7 +19,9 @@ after nnU-Net's augmentation (docs/bcp.md says why). The student is what ``nnUNe
 Usage: ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerBCP`` (after
 ``nnUNetv2_semiseg_preprocess_unlabeled``), then stock ``nnUNetv2_predict -tr nnUNetTrainerBCP``.
 """
-from typing import Dict
+import operator
+from functools import reduce
+from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunetv2_semiseg.trainers.bcp_components import BCPTeacher, BidirectionalCopyPaste
+from nnunetv2_semiseg.trainers.bcp_components import BCPTeacher, BidirectionalCopyPaste, MixedPatches
 from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 
 
@@ -94,18 +96,29 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
         labels = self.full_resolution(target)   # mixed at full resolution, then downsampled like nnU-Net's targets
         mask = self.copy_paste.masks.mask(data.shape[2:], self.global_iteration, self.rank, data.device)
         zero = data.new_zeros((), dtype=torch.float32)
+        # every logged term is present in both phases (0 where the phase has none), so epoch means stay defined
+        terms = {name: zero for name in ('pretrain', 'inward', 'outward') + tuple(self.loss_term_names)}
         if self.in_pretraining():
             patches = self.copy_paste.pretraining_patches(data, labels, mask)
-            terms = self.copy_paste.direction_losses(self.network(patches.x), patches)
-            return {'loss': terms['pretrain'], 'pretrain': terms['pretrain'], 'inward': zero, 'outward': zero}
+            step_terms, loss = self.mixed_patch_terms(patches, self_training=False)
+        else:
+            self.start_self_training_once()
+            u = unlabeled['data']
+            pseudo = self.copy_paste.pseudo_labels(self.teacher.teacher_logits(u, noise=False))
+            patches = self.copy_paste.self_training_patches(data, labels, u, pseudo, mask)
+            step_terms, loss = self.mixed_patch_terms(patches, self_training=True)
+        terms.update(step_terms)
+        terms['loss'] = loss
+        return terms
 
-        self.start_self_training_once()
-        u = unlabeled['data']
-        pseudo = self.copy_paste.pseudo_labels(self.teacher.teacher_logits(u, noise=False))
-        patches = self.copy_paste.self_training_patches(data, labels, u, pseudo, mask)
+    def mixed_patch_terms(self, patches: MixedPatches, self_training: bool) -> Tuple[Dict[str, torch.Tensor],
+                                                                                       torch.Tensor]:
+        """The student's one pass on the mixed patches: ({term: value}, loss to minimise). BCP: one term per
+        direction and their sum (pre-training: L_mix; self-training: L_in + L_out). A subclass that adds a term
+        reading the same pass overrides this (``nnUNetTrainerBCPFLPM``)."""
         terms = self.copy_paste.direction_losses(self.network(patches.x), patches)
-        outward = terms.get('outward', zero)
-        return {'loss': terms['inward'] + outward, 'pretrain': zero, 'inward': terms['inward'], 'outward': outward}
+        # reduce, not sum(): with one direction the loss is that term itself (no 0 + term copy)
+        return terms, reduce(operator.add, terms.values())
 
     def after_optimizer_step(self) -> None:
         self.teacher.after_optimizer_step(self.unwrapped_network, self.global_iteration)

@@ -80,6 +80,12 @@ class BCPTeacher(MeanTeacherConsistency):
     trained student, not a random one), clean teacher inputs (no noise), and :meth:`initialise_from`, which copies
     the student once, at the phase switch; before it the teacher is neither used nor updated."""
 
+    exclusive_reason = (
+        'it is BCP\'s pseudo-label teacher, not a loss term of its own (weight 0): it is initialised from the '
+        'student and EMA-updated only after nnUNetTrainerBCP\'s phase switch calls initialise_from, so in a composed '
+        'trainer it would stay a copy of the initial student. For a teacher consistency term use '
+        'MeanTeacherConsistency.')
+
     def __init__(self, student: nn.Module, ema_decay: float = 0.99):
         super().__init__(student, weight=0.0, ema_decay=ema_decay, noise_std=0.0)
         self.initialised = False
@@ -140,6 +146,11 @@ class BidirectionalCopyPaste(LossComponent):
     """
     name = 'bcp'
     state_key = 'bcp_mask'
+    exclusive_reason = (
+        'it replaces the step\'s inputs and targets with copy-paste mixtures of labeled and unlabeled patches (its '
+        'loss reads them from context.cache[\'bcp_patches\']), so every other component of the step would read '
+        'rows the student does not train on. To add a term to BCP, subclass nnUNetTrainerBCP and state which mixed '
+        'rows the term reads by overriding mixed_patch_terms, as nnUNetTrainerBCPFLPM does.')
 
     def __init__(self, beta: float = 2 / 3, u_weight: float = 0.5, keep_largest_component: bool = True,
                  bidirectional: bool = True, seed: Optional[int] = None):

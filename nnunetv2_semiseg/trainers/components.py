@@ -105,6 +105,12 @@ class LossComponent:
     state_key: Optional[str] = None
     # Key of this component's training heads in ``network.heads`` (see StepContext.heads_for); None = no heads.
     heads_key: Optional[str] = None
+    # Which forward-pass outputs ``loss`` reads from ``context.out`` (see composed.OUTPUT_LAYOUTS): components of
+    # one trainer must agree, because a step runs one forward pass.
+    output_layout: str = 'one network'
+    # Set (to the reason) by a component that cannot share a step with any other, e.g. one that replaces the
+    # step's inputs and targets; the composed trainer then refuses it next to other components, with this reason.
+    exclusive_reason: Optional[str] = None
 
     def ramp(self, fraction: float) -> float:
         """Ramp-up factor in [0, 1] at the given fraction of training (default: none)."""

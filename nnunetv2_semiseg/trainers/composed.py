@@ -22,10 +22,40 @@ class ComponentConflictError(ValueError):
     pass
 
 
+# What ``context.out`` holds for each ``LossComponent.output_layout`` (used in the refusal message).
+OUTPUT_LAYOUTS = {
+    'one network': "one network's outputs (out['seg'], 'features', 'skips', 'penultimate' of "
+                   "SemiSegNetwork.forward_with_features)",
+    'two streams': "two streams' outputs (out['A'] and out['B'] of DualStreamNetwork.forward_streams)",
+}
+
+
 def check_components_compose(components: List[LossComponent], trainer_name: str) -> None:
-    """Refuse components that would overwrite each other: two with the same logged ``name`` (one term would hide
-    the other), ``state_key`` (one checkpoint slot for two states) or ``heads_key`` (one set of heads for two
-    components), and components that declare they cannot share a step (``exclusive_reason``)."""
+    """Refuse components that cannot share one training step, with the reason:
+
+    * a component that declares it cannot share a step (``exclusive_reason``, e.g. one that replaces the batch
+      every other component would read), when it is listed with any other;
+    * components that read different forward-pass layouts (``output_layout``: one network vs two streams);
+    * two components with the same logged ``name`` (one term would hide the other), ``state_key`` (one
+      checkpoint slot for two states) or ``heads_key`` (one set of heads for two components).
+    """
+    if len(components) > 1:
+        for component in components:
+            reason = getattr(component, 'exclusive_reason', None)
+            if reason:
+                others = ', '.join(type(c).__name__ for c in components if c is not component)
+                raise ComponentConflictError(
+                    f'{trainer_name}: {type(component).__name__} cannot share a training step with other '
+                    f'components ({others}): {reason}')
+        first = components[0]
+        for component in components[1:]:
+            if component.output_layout != first.output_layout:
+                raise ComponentConflictError(
+                    f'{trainer_name}: {type(first).__name__} reads '
+                    f'{OUTPUT_LAYOUTS.get(first.output_layout, first.output_layout)}, but '
+                    f'{type(component).__name__} reads '
+                    f'{OUTPUT_LAYOUTS.get(component.output_layout, component.output_layout)}; one step\'s forward '
+                    f'pass gives one of them, so these components cannot share a trainer.')
     for attribute in ('name', 'state_key', 'heads_key'):
         seen: Dict[str, LossComponent] = {}
         for component in components:
@@ -38,13 +68,6 @@ def check_components_compose(components: List[LossComponent], trainer_name: str)
                     f'the same {attribute} {value!r}; give one of them another {attribute} (a class attribute or an '
                     f'instance attribute set in build_loss_components).')
             seen[value] = component
-    if len(components) > 1:
-        for component in components:
-            reason = getattr(component, 'exclusive_reason', None)
-            if reason:
-                raise ComponentConflictError(
-                    f'{trainer_name}: {type(component).__name__} cannot share a training step with other '
-                    f'components: {reason}')
 
 
 class nnUNetTrainerComposed(nnUNetTrainerSemiSupervised):

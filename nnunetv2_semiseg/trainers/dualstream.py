@@ -39,6 +39,7 @@ from nnunetv2_semiseg.trainers.composed import nnUNetTrainerComposed
 from nnunetv2_semiseg.trainers.dualstream_components import (A_TEACHES_B, BOTH_DIRECTIONS, CosineConsistency,
                                                              CrossReliableMistake, EntropyFilteredPseudoLabels,
                                                              PrototypeContrast, UncertaintyWeightedPseudoLabels)
+from nnunetv2_semiseg.utilities.progress_logger import SupervisedCurve
 
 
 class UnsupportedLabelLayoutError(ValueError):
@@ -72,6 +73,8 @@ class nnUNetTrainerDualStream(nnUNetTrainerComposed):
     supervised = 'nnunet'              # nnU-Net's DC+CE with deep supervision; 'released' = CE + fg Dice, full res
 
     loss_term_names = ('sup', 'pseudo', 'uncertainty', 'consistency', 'contrast')
+    # 'sup' sums both streams' supervised losses; progress.png compares one stream's share with the validation loss.
+    progress_supervised_curve = SupervisedCurve({'sup': 0.5}, 'loss_tr (supervised part: sup / 2, per stream)')
     allow_torch_compile = False        # a fresh closure goes through forward(train_fn=...) every step
 
     # ------------------------------------------------------------------------------------------------------------

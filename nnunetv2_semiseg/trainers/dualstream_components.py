@@ -70,6 +70,8 @@ def teacher_reliability(context: StepContext, teacher: str, percentile: float, w
 class RampedComponent(LossComponent):
     """``weight * sigmoid_rampup(t, ramp_length)``: lambda(t) = 0.1 exp(-5 (1 - t)^2) over the whole training for
     weight 0.1, ramp_length 1 (paper Eq. 1's ramp, methods.md §5.6). ``ramp_length=None``: constant weight."""
+    # Every dual-stream term reads out['A'] and out['B'] (DualStreamNetwork.forward_streams), not one network's out.
+    output_layout = 'two streams'
 
     def __init__(self, weight: float, ramp_length: Optional[float]):
         self.weight, self.ramp_length = float(weight), ramp_length

@@ -8,9 +8,14 @@ state, :meth:`after_optimizer_step`, :meth:`semiseg_state` / :meth:`load_semiseg
 * batch composition (labeled batch from the plans, ``unlabeled_batch_size`` per rank under DDP);
 * the training fraction used by ramp-ups (:mod:`nnunetv2_semiseg.trainers.ramps`);
 * AMP (CUDA autocast + GradScaler), gradient clipping and the optimizer step, as in nnU-Net's ``train_step``;
-* per-term loss logging (``train_<term>``, one value per epoch) and ``progress_terms.png``;
-* extra checkpoint state under ``checkpoint['semiseg']``, restored on ``--c`` (absent key tolerated).
+* per-term loss logging (``train_<term>``, one value per epoch), ``progress_terms.png`` and a ``progress.png``
+  whose training curve is the supervised part of the loss;
+* extra checkpoint state under ``checkpoint['semiseg']``, restored on ``--c`` (absent key tolerated), with the
+  schedule record that ``--c`` compares (:func:`~nnunetv2_semiseg.trainers.schedule.check_resume_schedule`);
+* the start-of-run summary in the log (cases, batches, each term's weight and ramp, class attributes) and each
+  ramped term's current weight next to its loss every epoch.
 """
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -30,14 +35,19 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_semiseg.data.preprocess_unlabeled import (RECORD_FILENAME, describe_differences,
                                                         preprocessing_fingerprint, preprocessing_settings,
-                                                        read_record, unlabeled_folder_name)
+                                                        read_record, unlabeled_folder_name, unlabeled_set_mismatch)
 from nnunetv2_semiseg.data.unlabeled_loader import UnlabeledDataLoader, load_unlabeled_dataset
 from nnunetv2_semiseg.networks.semiseg_network import SemiSegNetwork
+from nnunetv2_semiseg.trainers import pretrained_weights
 from nnunetv2_semiseg.trainers.run_guards import (NonFiniteLossGuard, check_resume_trainer,
                                                   describe_non_finite_weights, non_finite_tensors)
-from nnunetv2_semiseg.trainers.schedule import (apply_schedule_overrides, final_validation_skipped,
-                                                save_snapshot_if_requested)
-from nnunetv2_semiseg.utilities.plotting import plot_loss_terms
+from nnunetv2_semiseg.trainers.schedule import (add_schedule_to_debug_json, apply_schedule_overrides,
+                                                check_resume_schedule, describe_schedule, final_validation_skipped,
+                                                save_snapshot_if_requested, schedule_record)
+from nnunetv2_semiseg.utilities.progress_logger import SemiSupervisedLocalLogger, SupervisedCurve
+
+
+pretrained_weights.install()  # routes -pretrained_weights of nnUNetv2_train to load_pretrained_weights below
 
 
 class MissingUnlabeledDataError(RuntimeError):
@@ -61,6 +71,29 @@ def split_batch_size_over_ranks(global_batch_size: int, world_size: int, rank: i
     return global_batch_size // world_size + (1 if rank < global_batch_size % world_size else 0)
 
 
+def is_ramped(component) -> bool:
+    return component.ramp(0.0) != component.ramp(1.0)
+
+
+def describe_ramp(component, total_iterations: int) -> str:
+    """A component's ramp in words, from the component itself (its ramp() and ramp_length), so that it stays true
+    for components written later."""
+    if not is_ramped(component):
+        return 'no ramp'
+    start = component.ramp(0.0)
+    if abs(start - math.exp(-5.0)) < 1e-12:
+        kind = 'sigmoid ramp exp(-5(1-t)^2)'
+    elif start == 0.0:
+        kind = 'linear ramp'
+    else:
+        kind = 'ramp'
+    length = getattr(component, 'ramp_length', None)
+    if length is None:
+        return f'{kind} (factor {start:.4g} at the start, 1 at the end)'
+    return (f'{kind} over the first {length:.0%} of training ({int(round(length * total_iterations))} of '
+            f'{total_iterations} steps; factor {start:.4g} at the start)')
+
+
 class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     # Global number of unlabeled patches per step; None = the plans' batch size (per rank: the labeled share).
     unlabeled_batch_size: Optional[int] = None
@@ -68,13 +101,18 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     unlabeled_two_views: bool = False
     # Names of the loss terms returned by compute_loss_terms (besides 'loss'); logged as train_<name>.
     loss_term_names: Sequence[str] = ('sup',)
+    # The training curve of progress.png; None: derived from loss_term_names (utilities/progress_logger.py).
+    progress_supervised_curve: Optional[SupervisedCurve] = None
     # torch.compile (nnU-Net's default on CUDA) of the student. Methods that pass a Python callable through the
     # forward (``train_fn``) should switch it off: a new closure per step would defeat the compiled graph's guards.
     allow_torch_compile: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        # nnU-Net's __init__ pops this flag (set by nnUNetv2_train --c); keep it: only --c compares schedules.
+        continuing = bool(plans.get('continue_training', False))
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.continuing_training = continuing
         apply_schedule_overrides(self)
         self.dataloader_unlabeled = None
         self.unlabeled_batch_size_per_rank: Optional[int] = None
@@ -82,6 +120,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.non_finite_guard = NonFiniteLossGuard(trainer_name=type(self).__name__)
         self.unlabeled_folder = os.path.join(self.preprocessed_dataset_folder_base,
                                              unlabeled_folder_name(self.configuration_manager.data_identifier))
+        # progress.png: the supervised part of the training loss against the validation loss, not the total.
+        self.logger.local_logger = SemiSupervisedLocalLogger.replacing(
+            self.logger.local_logger, self.loss_term_names, self.progress_supervised_curve)
         for key in self.term_log_keys():
             self.logger.local_logger.my_fantastic_logging[key] = []
 
@@ -106,6 +147,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     @property
     def unwrapped_network(self) -> SemiSegNetwork:
         return unwrap_network(self.network)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # nnUNetv2_train -pretrained_weights (nnU-Net's loader rejects the heads; see trainers/pretrained_weights.py)
+    def load_pretrained_weights(self, filename: str) -> None:
+        pretrained_weights.load_pretrained_weights_into_trainer(self, filename)
 
     # ----------------------------------------------------------------------------------------------------------
     # data
@@ -145,11 +191,22 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 f'with:\n    '
                 f'{self.preprocess_unlabeled_command()} --overwrite')
 
+    def warn_if_unlabeled_set_changed(self) -> None:
+        # Images added to (or removed from) imagesUnlabeled/ after preprocessing would otherwise go unnoticed.
+        from nnunetv2.paths import nnUNet_raw
+        if nnUNet_raw:
+            warning = unlabeled_set_mismatch(self.unlabeled_folder,
+                                             os.path.join(nnUNet_raw, self.plans_manager.dataset_name),
+                                             self.dataset_json['file_ending'], self.preprocess_unlabeled_command())
+            if warning:
+                self.print_to_log_file(f'WARNING: {warning}')
+
     def get_unlabeled_dataloader(self):
         if self.is_cascaded:
             raise NotImplementedError('Semi-supervised training of cascade stages would need previous-stage '
                                       'predictions for the unlabeled cases; use 2d or 3d_fullres/3d_lowres.')
         self.check_unlabeled_folder()
+        self.warn_if_unlabeled_set_changed()
         dataset = load_unlabeled_dataset(self.unlabeled_folder)
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -304,14 +361,85 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.logger.log(key, value, self.current_epoch)
 
     def on_epoch_end(self):
+        weights = self.current_term_weights()
         for term, key in zip(self.loss_term_names, self.term_log_keys()):
-            self.print_to_log_file(f'train_{term}', np.round(self.logger.get_value(key, step=-1), decimals=4))
-        super().on_epoch_end()
-        if self.local_rank == 0:
-            plot_loss_terms({t: self.logger.local_logger.my_fantastic_logging[k]
-                             for t, k in zip(self.loss_term_names, self.term_log_keys())},
-                            os.path.join(self.output_folder, 'progress_terms.png'))
+            value = np.round(self.logger.get_value(key, step=-1), decimals=4)
+            if term in weights:
+                self.print_to_log_file(f'train_{term}', value, f'(weight {weights[term]:.4g})')
+            else:
+                self.print_to_log_file(f'train_{term}', value)
+        super().on_epoch_end()  # draws progress.png and progress_terms.png (SemiSupervisedLocalLogger)
         save_snapshot_if_requested(self)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # what a run says about itself: set-up at the start, ramped weights every epoch, schedule in debug.json
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        # Kept for the start-of-run summary (nnU-Net only logs the split's sizes inside do_split).
+        self.num_labeled_training_cases = len(dataset_tr.identifiers)
+        self.num_validation_cases = len(dataset_val.identifiers)
+        return dataset_tr, dataset_val
+
+    def on_train_start(self):
+        super().on_train_start()
+        for line in self.run_setup_lines():
+            self.print_to_log_file(line)
+
+    def _save_debug_information(self):
+        super()._save_debug_information()
+        add_schedule_to_debug_json(self)
+
+    def loss_components_for_logging(self) -> list:
+        """The weighted unsupervised components of a composed trainer (empty for trainers that compute their terms
+        in one method, like BCP)."""
+        return list(getattr(self, 'loss_components', None) or [])
+
+    def current_term_weights(self) -> Dict[str, float]:
+        """Weight of every ramped term at the epoch's last optimizer step (constant weights are in the set-up)."""
+        fraction = max(0, self.global_iteration - 1) / max(1, self.total_iterations())
+        return {c.name: c.weight_at(fraction) for c in self.loss_components_for_logging() if is_ramped(c)}
+
+    def term_weight_lines(self) -> List[str]:
+        """One line per loss term: its weight and ramp. A trainer without components lists its terms only; its
+        weights are among the hyperparameters line."""
+        total = self.total_iterations()
+        components = self.loss_components_for_logging()
+        if not components:
+            return [f'Loss terms (logged as train_<term>): {", ".join(self.loss_term_names)}; their weights are '
+                    f'class attributes (hyperparameters below).']
+        lines = ['Loss term sup: nnU-Net\'s supervised loss on the labeled rows, weight 1, no ramp.']
+        for c in components:
+            lines.append(f'Loss term {c.name}: weight {c.weight:g}, {describe_ramp(c, total)}.')
+        return lines
+
+    def hyperparameter_line(self) -> str:
+        """The trainer's class attributes below nnU-Net's trainer (a variant's changed values show up here)."""
+        values = {}
+        for klass in reversed(type(self).__mro__):
+            if not issubclass(klass, nnUNetTrainerSemiSupervised):
+                continue
+            for name, value in vars(klass).items():
+                if name.startswith('_') or name == 'loss_term_names' or callable(value) or \
+                        isinstance(value, (property, staticmethod, classmethod)):
+                    continue
+                values[name] = getattr(self, name)
+        return 'Hyperparameters (class attributes): ' + ', '.join(f'{k}={v!r}' for k, v in sorted(values.items()))
+
+    def run_setup_lines(self) -> List[str]:
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+        num_unlabeled = len(nnUNetDatasetBlosc2.get_identifiers(self.unlabeled_folder))
+        unlabeled_setting = (f'unlabeled_batch_size={self.unlabeled_batch_size}' if self.unlabeled_batch_size
+                             is not None else 'unlabeled_batch_size=None: the plans\' batch size')
+        per_rank = ' per GPU' if self.is_ddp else ''
+        lines = [f'Semi-supervised run of {type(self).__name__}: '
+                 f'{getattr(self, "num_labeled_training_cases", "?")} labeled training cases '
+                 f'(fold {self.fold}; {getattr(self, "num_validation_cases", "?")} validation cases), '
+                 f'{num_unlabeled} unlabeled cases ({self.unlabeled_folder}).',
+                 f'Batch per step{per_rank}: {self.batch_size} labeled + {self.unlabeled_batch_size_per_rank} '
+                 f'unlabeled patches ({unlabeled_setting}'
+                 f'{", two views each" if self.unlabeled_two_views else ""}).',
+                 describe_schedule(self)]
+        return lines + self.term_weight_lines() + [self.hyperparameter_line()]
 
     def _restore_term_log_keys(self):
         """After loading a logger from a checkpoint that lacks our keys (plain nnU-Net), pad them with NaN."""
@@ -325,7 +453,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     # checkpoints
     def semiseg_state(self) -> dict:
         """Extra state saved under checkpoint['semiseg']; subclasses add their keys (call super)."""
-        return {'global_iteration': self.global_iteration}
+        return {'global_iteration': self.global_iteration, 'schedule': schedule_record(self)}
 
     def load_semiseg_state(self, state: Optional[dict]) -> None:
         """Restore :meth:`semiseg_state`. ``state`` is None for checkpoints without the key (plain nnU-Net)."""
@@ -362,6 +490,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)
 
+    def check_resume_schedule(self, checkpoint: dict, source: str) -> None:
+        """``--c`` only: refuse a checkpoint trained on another schedule (schedule.check_resume_schedule). Loading for
+        ``--val`` or from Python compares nothing: validation does not depend on the schedule."""
+        state = checkpoint.get('semiseg')
+        if not self.continuing_training or state is None:  # None: a plain nnU-Net warm start, not our schedule
+            return
+        check_resume_schedule(state.get('schedule'), self, source)
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         # Re-implemented: nnU-Net 2.8.1's version fails for dicts and knows nothing of checkpoint['semiseg'].
         if not self.was_initialized:
@@ -375,8 +511,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 'checkpoint_latest.pth, else checkpoint_best.pth); or train the fold from scratch without --c.')
         else:
             checkpoint = filename_or_checkpoint
-        check_resume_trainer(checkpoint, type(self).__name__,
-                             filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint')
+        source = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint'
+        check_resume_trainer(checkpoint, type(self).__name__, source)
+        self.check_resume_schedule(checkpoint, source)
         network = self.unwrapped_network
         own_keys = set(network.state_dict().keys())
         weights = {}

@@ -21,3 +21,19 @@ def process_count(minimum: int, hint: str) -> Callable[[str], int]:
 positive_int = process_count(1, 'pass at least 1')
 # -npp/-nps of the pseudo-labelling
 non_negative_int = process_count(0, 'pass 0 (no workers) or more')
+
+
+def accept_underscore_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let every dashed long option (``--train-list``) also be spelled with underscores (``--train_list``), the style
+    of nnU-Net's own long options (``--verify_dataset_integrity``); the dashed spelling keeps working. Call it after
+    the last ``add_argument`` (idempotent). Returns ``parser``."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if not option.startswith('--') or '-' not in option[2:]:
+                continue
+            alias = '--' + option[2:].replace('-', '_')
+            # argparse has no public API to add a spelling to an existing option; both tables must know it.
+            if alias not in parser._option_string_actions:
+                action.option_strings.append(alias)
+                parser._option_string_actions[alias] = action
+    return parser
