@@ -32,7 +32,8 @@ def _predict(ws, configuration, trainer, out):
 def _check_run(checkpoint, epochs):
     assert checkpoint['trainer_name'] == TRAINER
     semiseg = checkpoint['semiseg']
-    assert set(semiseg) == {'global_iteration', 'teacher_weights', 'voxel_discriminator'}
+    assert set(semiseg) == {'global_iteration', 'teacher_weights', 'voxel_discriminator', 'schedule'}
+    assert semiseg['schedule']['effective']['num_epochs'] == epochs  # the schedule record that --c compares
     assert semiseg['global_iteration'] == 2 * epochs
     assert set(semiseg['teacher_weights']) == set(checkpoint['network_weights'])      # student + heads
     assert any(k.startswith('heads.') for k in checkpoint['network_weights'])
