@@ -20,8 +20,8 @@ from nnunetv2_semiseg.losses.dualstream import (bernoulli_entropy, channelwise_h
                                                 region_dc_bce_loss, region_ensemble_logits,
                                                 region_prototype_contrast_loss,
                                                 region_uncertainty_weighted_pseudo_label_loss)
-from nnunetv2_semiseg.trainers.dualstream import (UnsupportedLabelLayoutError, nnUNetTrainerDualStream,
-                                                  nnUNetTrainerDualStream_releasedCode)
+from nnunetv2_semiseg.trainers.dualstream import nnUNetTrainerDualStream
+from test_dualstream_wiring import _FixedStreams  # the same hand-built two-stream stand-in
 
 REGION_LABELS = {'background': 0, 'whole': [1, 2], 'core': 2}
 REGIONS_CLASS_ORDER = [1, 2]
@@ -29,12 +29,7 @@ NUM_LABELED, NUM_ROWS, K, WIDTH, DIM = 1, 3, 2, 5, 2
 SMOOTH = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,18 +209,6 @@ def test_region_ensemble_is_the_logit_of_the_mean_sigmoid():
 # ----------------------------------------------------------------------------------------------------------------
 # the trainer's wiring on regions
 # ----------------------------------------------------------------------------------------------------------------
-class _FixedStreams(nn.Module):
-    """Stand-in for DualStreamNetwork: forward_streams returns hand-built leaves (logits, last features)."""
-
-    def __init__(self, logits: dict, features: dict):
-        super().__init__()
-        self.logits = nn.ParameterDict({s: nn.Parameter(v.clone()) for s, v in logits.items()})
-        self.features = nn.ParameterDict({s: nn.Parameter(v.clone()) for s, v in features.items()})
-
-    def forward_streams(self, x):
-        return {s: {'seg': [self.logits[s], self.logits[s][..., ::2]], 'features': self.features[s]} for s in 'AB'}
-
-
 def _bce_stand_in(seg_outputs, target):
     return nn.functional.binary_cross_entropy_with_logits(seg_outputs[0].float(), target[0].float())
 
@@ -327,17 +310,6 @@ def test_region_contrast_gradient_reaches_only_the_learners_features():
                 step[v, d] = 1e-6
                 numeric = (_contrast(zt, e + step, e) - _contrast(zt, e - step, e)) / 2e-6
                 assert got[v, d] == pytest.approx(numeric, rel=1e-3, abs=1e-5)
-
-
-def test_region_datasets_are_accepted_and_the_released_variant_refuses_them():
-    trainer = object.__new__(nnUNetTrainerDualStream)
-    trainer.label_manager = LabelManager(REGION_LABELS, REGIONS_CLASS_ORDER)
-    trainer.supervised = 'nnunet'
-    trainer.check_label_layout()
-    released = object.__new__(nnUNetTrainerDualStream_releasedCode)
-    released.label_manager = LabelManager(REGION_LABELS, REGIONS_CLASS_ORDER)
-    with pytest.raises(UnsupportedLabelLayoutError, match='region-based.*nnUNetTrainerDualStream'):
-        released.check_label_layout()
 
 
 def _network(num_outputs: int):

@@ -14,7 +14,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunetv2_semiseg.networks.dualstream import (DualStreamNetwork, UnsupportedArchitectureError, stream_plans,
                                                   stream_state_dict)
-from nnunetv2_semiseg.trainers.dualstream import (UnsupportedLabelLayoutError, nnUNetTrainerDualStream,
+from nnunetv2_semiseg.trainers.dualstream import (nnUNetTrainerDualStream,
                                                   nnUNetTrainerDualStream_noContrast,
                                                   nnUNetTrainerDualStream_releasedCode,
                                                   nnUNetTrainerDualStream_resEncM)
@@ -25,13 +25,7 @@ from nnunetv2_semiseg.trainers.dualstream_components import (A_TEACHES_B, Cosine
 REQ_IMPORT = ['conv_op', 'norm_op', 'dropout_op', 'nonlin']
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # These in-process tests use tiny tensors: on a loaded 2-core machine, intra-op threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _plain_kwargs(dim: int) -> dict:
@@ -101,15 +95,10 @@ def test_streams_follow_the_plan_and_the_deployed_forward_is_the_ensemble():
     assert isinstance(net(x), list) and len(net(x)) == 2          # one output per decoder stage
 
 
-def test_non_plain_plans_and_the_released_variant_on_an_ignore_label_are_refused_with_the_reason():
-    # (region datasets: tests/test_dualstream_regions.py)
+def test_non_plain_plans_are_refused_with_the_reason():
     with pytest.raises(UnsupportedArchitectureError, match='ResidualEncoderUNet.*nnUNetPlans'):
         nnUNetTrainerDualStream.build_network_architecture(
             None, _configuration(2, 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'), 1, 3)
-    released = object.__new__(nnUNetTrainerDualStream_releasedCode)
-    released.label_manager = LabelManager({'background': 0, 'fg': 1, 'ignore': 2}, None)
-    with pytest.raises(UnsupportedLabelLayoutError, match='ignore label'):
-        released.check_label_layout()
 
 
 def test_stream_export_helpers_give_stock_loadable_weights_and_plans():

@@ -8,7 +8,7 @@ prose) and the released code (AIP ``train_LA.py``, read through ``shared/docs/me
 points and normalisations are the paper's intent and which are the code's is listed per function and in
 ``docs/dualstream.md``.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,24 +143,28 @@ def prototype_contrast_loss(embeddings: torch.Tensor, labels: torch.Tensor, reli
 # The released code's supervised pieces (MCF lineage), for the code-faithful variant
 # ------------------------------------------------------------------------------------------------------------------
 def squared_foreground_dice_loss(probabilities: torch.Tensor, target: torch.Tensor,
-                                 smooth: float = 1e-5) -> torch.Tensor:
-    """Dice_fg = mean over foreground classes c >= 1 of 1 - (2 sum p_c y_c + s) / (sum p_c^2 + sum y_c^2 + s).
+                                 smooth: float = 1e-5, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dice_fg = mean over foreground classes c >= 1 of 1 - (2 sum m p_c y_c + s) / (sum m p_c^2 + sum m y_c^2 + s).
 
     MCF ``dice_loss`` (squared denominator, s = 1e-5) on the foreground probability, summed over the whole batch;
     the released binary code calls it once on channel 1, which this is for two classes.
-    probabilities (B, C, *spatial), target (B, *spatial) integer labels.
+    probabilities (B, C, *spatial), target (B, *spatial) integer labels; m = ``valid`` (B, *spatial), the voxels
+    that carry a label (nnU-Net's ignore label excluded), all voxels when None.
     """
     p = probabilities.float()
+    m = torch.ones_like(p[:, 0]) if valid is None else valid.float()
     losses = []
     for c in range(1, p.shape[1]):
-        y = (target == c).float()
-        intersect = (p[:, c] * y).sum()
-        losses.append(1.0 - (2.0 * intersect + smooth) / ((p[:, c] ** 2).sum() + (y ** 2).sum() + smooth))
+        y = (target == c).float() * m
+        pc = p[:, c] * m
+        intersect = (pc * y).sum()
+        losses.append(1.0 - (2.0 * intersect + smooth) / ((pc ** 2).sum() + (y ** 2).sum() + smooth))
     return torch.stack(losses).mean()
 
 
 def cross_reliable_mistake_loss(probabilities: torch.Tensor, target: torch.Tensor, probabilities_a: torch.Tensor,
-                                probabilities_b: torch.Tensor, confidence: float = 0.6) -> torch.Tensor:
+                                probabilities_b: torch.Tensor, confidence: float = 0.6,
+                                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mistake = sum_v m_v * sum_{c>=1} (p_v,c - y_v,c)^2 / (sum_v m_v + 1e-16)   (MCF "cross reliable" term).
 
         m_v = [A confidently predicts foreground at v] XOR [B confidently predicts foreground at v],
@@ -168,23 +172,34 @@ def cross_reliable_mistake_loss(probabilities: torch.Tensor, target: torch.Tenso
 
     ``probabilities`` are the stream the term trains (live); the mask comes from both streams without gradient.
     y is the one-hot target; for two classes the inner sum is (p_fg - y)^2 as in the released code (MCF's
-    ``softmax_mse_loss`` there is a plain squared difference of probabilities).
+    ``softmax_mse_loss`` there is a plain squared difference of probabilities). ``valid`` (B, *spatial): voxels that
+    carry a label; an ignored voxel has no y, so it is never in the mask (None: all voxels).
     """
     with torch.no_grad():
         def confident_foreground(p: torch.Tensor) -> torch.Tensor:
             top, label = p.float().max(1)
             return (label != 0) & (top >= confidence)
-        mask = (confident_foreground(probabilities_a) ^ confident_foreground(probabilities_b)).float()
+        mask = confident_foreground(probabilities_a) ^ confident_foreground(probabilities_b)
+        mask = (mask if valid is None else mask & valid).float()
     p = probabilities.float()
-    one_hot = F.one_hot(target.long(), p.shape[1]).movedim(-1, 1).float()
+    labels = target.long() if valid is None else torch.where(valid, target.long(), 0)
+    one_hot = F.one_hot(labels, p.shape[1]).movedim(-1, 1).float()
     squared = ((p[:, 1:] - one_hot[:, 1:]) ** 2).sum(1)
     return (mask * squared).sum() / (mask.sum() + 1e-16)
 
 
-def released_supervised_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CE(z, y) + Dice_fg(softmax(z), y): the released code's supervised loss per network, full resolution."""
-    return F.cross_entropy(logits.float(), target.long()) + squared_foreground_dice_loss(
-        torch.softmax(logits.float(), 1), target)
+def released_supervised_loss(logits: torch.Tensor, target: torch.Tensor,
+                             valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CE(z, y) + Dice_fg(softmax(z), y): the released code's supervised loss per network, full resolution.
+
+    With ``valid`` (B, *spatial; nnU-Net's ignore label excluded) the CE is the mean over the valid voxels and the
+    Dice sums run over them only, as nnU-Net's own DC+CE treats the ignore label."""
+    z = logits.float()
+    if valid is None:
+        return F.cross_entropy(z, target.long()) + squared_foreground_dice_loss(torch.softmax(z, 1), target)
+    labels = torch.where(valid, target.long(), 0)
+    ce = (F.cross_entropy(z, labels, reduction='none') * valid).sum() / valid.sum().clamp_min(1)
+    return ce + squared_foreground_dice_loss(torch.softmax(z, 1), labels, valid=valid)
 
 
 def ensemble_log_probabilities(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -250,6 +265,49 @@ def region_dc_bce_loss(student_logits: torch.Tensor, pseudo_label: torch.Tensor,
     per_channel = [loss(logits[:, k:k + 1], torch.stack((pseudo_label[:, k], ignore[:, k]), 1).bool())
                    for k in range(logits.shape[1])]
     return torch.stack(per_channel).mean()
+
+
+def region_released_supervised_loss(logits: torch.Tensor, region_target: torch.Tensor,
+                                    valid: Optional[torch.Tensor] = None, smooth: float = 1e-5) -> torch.Tensor:
+    """The released CE + foreground Dice in its binary form per region channel, averaged over the K channels:
+
+        L = (1/K) sum_k [ BCE_k + Dice_k ],
+        BCE_k  = sum_v m bce(z_v,k, y_v,k) / sum_v m,
+        Dice_k = 1 - (2 sum_v m p y + s) / (sum_v m p^2 + sum_v m y^2 + s),   p = sigmoid(z_v,k), s = 1e-5
+
+    m = ``valid`` (B, *spatial), the voxels that carry a label (all when None). For one region this equals
+    :func:`released_supervised_loss` on the two-class output (0, z): its softmax foreground is sigmoid(z).
+    logits, region_target (B, K, *spatial)."""
+    z, y = logits.float(), region_target.float()
+    m = (torch.ones_like(z[:, :1]) if valid is None else valid[:, None].float()).expand_as(z)
+    losses = []
+    for k in range(z.shape[1]):
+        mk, yk, pk = m[:, k], y[:, k] * m[:, k], torch.sigmoid(z[:, k]) * m[:, k]
+        bce = (F.binary_cross_entropy_with_logits(z[:, k], y[:, k], reduction='none') * mk).sum() \
+            / mk.sum().clamp_min(1)
+        dice = 1.0 - (2.0 * (pk * yk).sum() + smooth) / ((pk ** 2).sum() + (yk ** 2).sum() + smooth)
+        losses.append(bce + dice)
+    return torch.stack(losses).mean()
+
+
+def region_cross_reliable_mistake_loss(probabilities: torch.Tensor, region_target: torch.Tensor,
+                                       probabilities_a: torch.Tensor, probabilities_b: torch.Tensor,
+                                       confidence: float = 0.6, valid: Optional[torch.Tensor] = None
+                                       ) -> torch.Tensor:
+    """:func:`cross_reliable_mistake_loss` per region channel k (sigmoid probabilities):
+
+        m_v,k = [p_A,v,k >= confidence] XOR [p_B,v,k >= confidence]   (no gradient; ignored voxels excluded),
+        mistake = sum_{v,k} m_v,k (p_v,k - y_v,k)^2 / (sum_{v,k} m_v,k + 1e-16).
+
+    With confidence > 0.5, "confidently foreground" of a two-class softmax is p_fg >= confidence, so one region
+    gives the class formula's value."""
+    with torch.no_grad():
+        mask = (probabilities_a.float() >= confidence) ^ (probabilities_b.float() >= confidence)
+        if valid is not None:
+            mask = mask & valid[:, None]
+        mask = mask.float()
+    squared = (probabilities.float() - region_target.float()) ** 2
+    return (mask * squared).sum() / (mask.sum() + 1e-16)
 
 
 def region_uncertainty_weighted_pseudo_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

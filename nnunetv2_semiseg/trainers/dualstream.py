@@ -32,18 +32,15 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunetv2_semiseg.losses.dualstream import released_supervised_loss
+from nnunetv2_semiseg.losses.dualstream import region_released_supervised_loss, released_supervised_loss
 from nnunetv2_semiseg.networks.dualstream import DualStreamNetwork, STREAMS, stream_architectures
 from nnunetv2_semiseg.trainers.components import LossComponent
 from nnunetv2_semiseg.trainers.composed import nnUNetTrainerComposed
 from nnunetv2_semiseg.trainers.dualstream_components import (A_TEACHES_B, BOTH_DIRECTIONS, CosineConsistency,
                                                              CrossReliableMistake, EntropyFilteredPseudoLabels,
-                                                             PrototypeContrast, UncertaintyWeightedPseudoLabels)
+                                                             PrototypeContrast, UncertaintyWeightedPseudoLabels,
+                                                             labeled_target_and_valid)
 from nnunetv2_semiseg.utilities.progress_logger import SupervisedCurve
-
-
-class UnsupportedLabelLayoutError(ValueError):
-    pass
 
 
 class nnUNetTrainerDualStream(nnUNetTrainerComposed):
@@ -96,24 +93,10 @@ class nnUNetTrainerDualStream(nnUNetTrainerComposed):
         self.unwrapped_network.set_deep_supervision(enabled)
 
     def initialize(self):
-        self.check_label_layout()
         super().initialize()
         # The deployed ensemble must match the output layout (logit of the mean sigmoid for regions); it is saved
         # with the weights, so nnUNetv2_predict gets it too.
         self.unwrapped_network.use_region_ensemble(self.label_manager.has_regions)
-
-    def check_label_layout(self) -> None:
-        if self.supervised == 'released' and self.label_manager.has_regions:
-            raise UnsupportedLabelLayoutError(
-                f'{type(self).__name__} uses the released code\'s softmax CE + foreground Dice and its "confidently '
-                f'foreground" mistake mask, which need one class per voxel; this dataset is region-based '
-                f'(dataset.json has "regions_class_order"). Use nnUNetTrainerDualStream (region terms per channel, '
-                f'nnU-Net\'s DC+BCE).')
-        if self.supervised == 'released' and self.label_manager.has_ignore_label:
-            raise UnsupportedLabelLayoutError(
-                f'{type(self).__name__} uses the released code\'s CE + foreground Dice, which has no ignore label; '
-                f'this dataset has one ("ignore" in dataset.json labels). Use nnUNetTrainerDualStream (nnU-Net\'s '
-                f'DC+CE honours the ignore label).')
 
     # ------------------------------------------------------------------------------------------------------------
     def build_loss_components(self) -> List[LossComponent]:
@@ -147,7 +130,10 @@ class nnUNetTrainerDualStream(nnUNetTrainerComposed):
         # The released loss is full-resolution only; the lower outputs join with weight 0 so that every parameter
         # still gets a gradient (DDP without find_unused_parameters).
         untouched = sum((o.float().sum() * 0.0 for o in lower), full.new_zeros((), dtype=torch.float32))
-        return released_supervised_loss(full, self.full_resolution(target)[:, 0]) + untouched
+        labels, valid = labeled_target_and_valid(self.full_resolution(target), self.label_manager.has_regions,
+                                                 self.label_manager.ignore_label)
+        released = region_released_supervised_loss if self.label_manager.has_regions else released_supervised_loss
+        return released(full, labels, valid) + untouched
 
     def composed_loss(self, net: nn.Module, x: torch.Tensor, target, num_labeled: int) -> Dict[str, torch.Tensor]:
         context = self.make_context(net, x, target, num_labeled)
@@ -186,7 +172,8 @@ class nnUNetTrainerDualStream_releasedCode(nnUNetTrainerDualStream):
 
     def build_loss_components(self) -> List[LossComponent]:
         return super().build_loss_components() + [CrossReliableMistake(self.mistake_weight, None,
-                                                                       self.mistake_confidence)]
+                                                                       self.mistake_confidence,
+                                                                       self.label_manager.ignore_label)]
 
 
 class nnUNetTrainerDualStream_noConsistency(nnUNetTrainerDualStream):

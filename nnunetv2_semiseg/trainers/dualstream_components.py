@@ -19,8 +19,9 @@ from nnunetv2_semiseg.losses.dualstream import (bernoulli_entropy, channelwise_h
                                                 cosine_consistency, cross_reliable_mistake_loss,
                                                 entropy_filtered_pseudo_label_loss, high_entropy_mask,
                                                 prototype_contrast_loss, region_cosine_consistency,
-                                                region_dc_bce_loss, region_prototype_contrast_loss,
-                                                region_pseudo_labels, region_uncertainty_weighted_pseudo_label_loss,
+                                                region_cross_reliable_mistake_loss, region_dc_bce_loss,
+                                                region_prototype_contrast_loss, region_pseudo_labels,
+                                                region_uncertainty_weighted_pseudo_label_loss,
                                                 uncertainty_weighted_pseudo_label_loss, voxel_entropy)
 from nnunetv2_semiseg.trainers.components import LossComponent, StepContext
 from nnunetv2_semiseg.trainers.ramps import sigmoid_rampup
@@ -43,6 +44,23 @@ def stream_probabilities(context: StepContext, stream: str) -> torch.Tensor:
     if key not in context.cache:
         context.cache[key] = context.to_probabilities(stream_logits(context, stream))
     return context.cache[key]
+
+
+def labeled_target_and_valid(full_target: torch.Tensor, regions: bool, ignore_label: Optional[int]
+                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The labeled rows' full-resolution target as the released-code terms read it, and the voxels that carry a
+    label (None without an ignore label):
+
+    - classes: the label map (B, *spatial); valid = label != ignore label;
+    - regions: the region channels (B, K, *spatial); nnU-Net's loader appends the ignore label as one more last
+      channel (1 = ignored), which is split off: valid = that channel == 0.
+    """
+    if regions:
+        if ignore_label is None:
+            return full_target, None
+        return full_target[:, :-1], full_target[:, -1] == 0
+    labels = full_target[:, 0]
+    return labels, (None if ignore_label is None else labels != ignore_label)
 
 
 def rows(context: StepContext, which: str) -> slice:
@@ -173,15 +191,20 @@ class PrototypeContrast(RampedComponent):
 
 class CrossReliableMistake(RampedComponent):
     """Released code's supervised extra (MCF): per stream, squared error to the ground truth on the labeled voxels
-    where exactly one stream is confidently foreground; summed over the two streams (0.5 weight in the code)."""
+    where exactly one stream is confidently foreground; summed over the two streams (0.5 weight in the code).
+    Regions: per region channel (p >= confidence); ignored voxels (nnU-Net's ignore label) are never in the mask."""
     name = 'mistake'
 
-    def __init__(self, weight: float = 0.5, ramp_length: Optional[float] = None, confidence: float = 0.6):
+    def __init__(self, weight: float = 0.5, ramp_length: Optional[float] = None, confidence: float = 0.6,
+                 ignore_label: Optional[int] = None):
         super().__init__(weight, ramp_length)
         self.confidence = float(confidence)
+        self.ignore_label = ignore_label
 
     def loss(self, context: StepContext) -> torch.Tensor:
         labeled = context.labeled
         p_a, p_b = stream_probabilities(context, 'A')[labeled], stream_probabilities(context, 'B')[labeled]
-        target = context.full_resolution_target[:, 0]
-        return sum(cross_reliable_mistake_loss(p, target, p_a, p_b, self.confidence) for p in (p_a, p_b))
+        target, valid = labeled_target_and_valid(context.full_resolution_target, context.has_regions,
+                                                 self.ignore_label)
+        term = region_cross_reliable_mistake_loss if context.has_regions else cross_reliable_mistake_loss
+        return sum(term(p, target, p_a, p_b, self.confidence, valid) for p in (p_a, p_b))
