@@ -21,7 +21,7 @@ Usage: ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerBCP`` (after
 """
 import operator
 from functools import reduce
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,25 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
 
     def in_pretraining(self) -> bool:
         return self.global_iteration < self.switch_step()
+
+    # what the run log says each epoch (weights) and at the start (terms)
+    def current_term_weights(self) -> Dict[str, float]:
+        """BCP switches its terms by phase instead of ramping them: 1 for the terms of the phase of the epoch's
+        last optimizer step, 0 for the other phase's (the pseudo-labelled voxels' u_weight is inside the terms)."""
+        last_step = max(0, self.global_iteration - 1)
+        active = ('pretrain',) if last_step < self.switch_step() else ('inward', 'outward')
+        return {name: float(name in active) for name in ('pretrain', 'inward', 'outward')
+                if name in self.loss_term_names}
+
+    def term_weight_lines(self) -> List[str]:
+        switch, total = self.switch_step(), self.total_iterations()
+        mixed = ' / '.join(n for n in ('inward', 'outward') if n in self.loss_term_names)
+        return [f'Loss term pretrain: labeled-only copy-paste (both patches ground truth), weight 1 for steps '
+                f'0-{switch - 1} ({self.pretrain_fraction:.4g} of {total} steps), then 0.' if switch > 0 else
+                'Loss term pretrain: no pre-training phase (pretrain_fraction 0).',
+                f'Loss terms {mixed}: copy-paste of labeled and unlabeled patches with the EMA teacher\'s pseudo-labels, '
+                f'weight 1 each from step {switch} on (the teacher starts there as a copy of the student); pseudo-'
+                f'labelled voxels weigh u_weight={self.u_weight:g}, ground-truth voxels 1.']
 
     def start_self_training_once(self) -> None:
         if not self.teacher.initialised:

@@ -16,7 +16,7 @@ L_r is a second idea; this trainer adds one). Usage: ``nnUNetv2_train DatasetXXX
 nnUNetTrainerBCPFLPM`` (after ``nnUNetv2_semiseg_preprocess_unlabeled``), stock ``nnUNetv2_predict -tr
 nnUNetTrainerBCPFLPM``.
 """
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from nnunetv2_semiseg.trainers.bcp import nnUNetTrainerBCP
 from nnunetv2_semiseg.trainers.bcp_components import MixedPatches
 from nnunetv2_semiseg.trainers.components import StepContext
 from nnunetv2_semiseg.trainers.flpm_components import FeaturePerturbedConsistency
+from nnunetv2_semiseg.trainers.semi_supervised import describe_ramp
 
 
 class nnUNetTrainerBCPFLPM(nnUNetTrainerBCP):
@@ -47,6 +48,18 @@ class nnUNetTrainerBCPFLPM(nnUNetTrainerBCP):
             self.num_perturbations, self.perturbation_tau, self.consistency_norm, self.entropy_weighted,
             weight=self.consistency_weight, ramp_length=self.consistency_ramp_length,
             placement=self.perturbation_placement)
+
+    def current_term_weights(self) -> Dict[str, float]:
+        weights = super().current_term_weights()
+        fraction = max(0, self.global_iteration - 1) / max(1, self.total_iterations())
+        weights['fpc'] = 0.0 if weights['pretrain'] else self.feature_consistency.weight_at(fraction)
+        return weights
+
+    def term_weight_lines(self) -> List[str]:
+        return super().term_weight_lines() + [
+            f'Loss term fpc: SFPC\'s feature-perturbed consistency on all mixed rows of the self-training steps, '
+            f'weight {self.consistency_weight:g}, {describe_ramp(self.feature_consistency, self.total_iterations())}'
+            f'; off in pre-training.']
 
     def mixed_patch_terms(self, patches: MixedPatches, self_training: bool) -> Tuple[Dict[str, torch.Tensor],
                                                                                        torch.Tensor]:
