@@ -93,7 +93,8 @@ def raw_name(args, arm: str) -> str:
 
 def prepare_raw(args, dataset_id: int, name: str, labeled_ids: List[str], train_ids: List[str],
                 test_ids: List[str]) -> str:
-    """Convert with the ACDC converter (h5 form) into a temporary root, resample in-plane into ``nnUNet_raw``."""
+    """Convert with the ACDC converter (h5 form, ``--target-spacing`` in-plane) into a temporary root, then move
+    into ``nnUNet_raw``."""
     work = args.work
     factor = SMOKE_INPLANE_FACTOR if args.smoke else args.inplane_factor
     final = os.path.join(work, 'nnUNet_raw', f'Dataset{dataset_id:03d}_{name}')
@@ -108,13 +109,12 @@ def prepare_raw(args, dataset_id: int, name: str, labeled_ids: List[str], train_
     shutil.rmtree(tmp_root, ignore_errors=True)
     lists = write_lists(tmp_root, train=train_ids, test=test_ids, labeled=labeled_ids)
     out_root = os.path.join(tmp_root, 'raw')
+    target = (H5_SPACING_XYZ[0] * factor, H5_SPACING_XYZ[1] * factor, None) if factor != 1 else None
     run_step(['nnUNetv2_semiseg_convert_ACDC', '-i', args.data, '--format', 'h5', '-d', str(dataset_id),
               '--name', name, '--output', out_root, '--labeled-list', lists['labeled'], '--train-list',
-              lists['train'], '--test-list', lists['test']], dict(os.environ),
+              lists['train'], '--test-list', lists['test'], *common.target_spacing_args(target)], dict(os.environ),
              os.path.join(work, 'logs', 'prepare.log'))
-    target = (H5_SPACING_XYZ[0] * factor, H5_SPACING_XYZ[1] * factor, None)
-    common.resample_dataset(os.path.join(out_root, f'Dataset{dataset_id:03d}_{name}'), final, params,
-                            target if factor != 1 else None, num_classes=len(CLASSES) + 1)
+    common.install_converted(os.path.join(out_root, f'Dataset{dataset_id:03d}_{name}'), final, params)
     shutil.rmtree(tmp_root, ignore_errors=True)
     return final
 

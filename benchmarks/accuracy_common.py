@@ -169,76 +169,21 @@ def write_lists(folder: str, **lists: Sequence[str]) -> Dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------- data prep
-def resample_file(src: str, dst: str, is_label: bool, spacing_xyz: Sequence[float],
-                  num_classes: int = 2) -> None:
-    """Resample a NIfTI file to ``spacing_xyz`` (mm; None for an axis = keep it) on the same physical extent.
-
-    Images: linear interpolation. Labels: linear interpolation of each class's mask, the class with the largest
-    interpolated value wins (ties go to the higher class). For a binary label that is the mask interpolated and
-    thresholded at 0.5 (smoother than nearest neighbour at a 4x step); the same rule for training and test labels.
-    """
-    import numpy as np
-    import SimpleITK as sitk
-    img = sitk.ReadImage(src)
-    target = [sp if t is None else float(t) for t, sp in zip(spacing_xyz, img.GetSpacing())]
-    size = [max(1, int(round(sz * sp / t))) for sz, sp, t in zip(img.GetSize(), img.GetSpacing(), target)]
-    # keep the physical centre of the first voxel's cell: origin shifts by half the spacing change
-    direction = np.array(img.GetDirection()).reshape(3, 3)
-    half_step = np.array([(t - sp) / 2.0 for t, sp in zip(target, img.GetSpacing())])
-    origin = [float(o + d) for o, d in zip(img.GetOrigin(), direction @ half_step)]
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetOutputSpacing(target)
-    resampler.SetSize(size)
-    resampler.SetOutputOrigin(origin)
-    resampler.SetOutputDirection(img.GetDirection())
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetDefaultPixelValue(0)
-    if is_label and num_classes <= 2:
-        out = resampler.Execute(sitk.Cast(img, sitk.sitkFloat32))
-        out = sitk.Cast(out >= 0.5, sitk.sitkUInt8)
-    elif is_label:
-        label = sitk.GetArrayFromImage(img)
-        masks = []
-        for c in range(1, num_classes):
-            mask = sitk.GetImageFromArray((label == c).astype(np.float32))
-            mask.CopyInformation(img)
-            masks.append(sitk.GetArrayFromImage(resampler.Execute(mask)))
-        fg = np.stack(masks)
-        scores = np.concatenate([1.0 - fg.sum(0, keepdims=True), fg])
-        # argmax with ties to the higher class: search the reversed class axis
-        winner = (num_classes - 1 - np.argmax(scores[::-1], axis=0)).astype(np.uint8)
-        out = sitk.GetImageFromArray(winner)
-        out.SetSpacing(target)
-        out.SetOrigin(origin)
-        out.SetDirection(img.GetDirection())
-    else:
-        out = resampler.Execute(sitk.Cast(img, sitk.sitkFloat32))
-    sitk.WriteImage(out, dst, useCompression=True)
+def target_spacing_args(spacing_xyz: Optional[Sequence[Optional[float]]]) -> List[str]:
+    """The converters' ``--target-spacing`` for ``spacing_xyz`` (None for an axis: keep it; None: no resampling)."""
+    if spacing_xyz is None:
+        return []
+    return ['--target-spacing', *('keep' if v is None else f'{v:g}' for v in spacing_xyz)]
 
 
-def resample_dataset(converted: str, final: str, params: Dict, spacing_xyz: Sequence[float],
-                     num_classes: int) -> str:
-    """Resample every image/label of the converted raw dataset into ``final`` (staged, then renamed), with the
-    build parameters as ``benchmark_prep.json`` (the reuse marker)."""
-    staging = final + '.tmp'
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    for sub in sorted(os.listdir(converted)):
-        src_dir = os.path.join(converted, sub)
-        if not os.path.isdir(src_dir):
-            shutil.copy2(src_dir, os.path.join(staging, sub))
-            continue
-        os.makedirs(os.path.join(staging, sub))
-        for fname in sorted(os.listdir(src_dir)):
-            if spacing_xyz is None:
-                shutil.copy2(os.path.join(src_dir, fname), os.path.join(staging, sub, fname))
-            else:
-                resample_file(os.path.join(src_dir, fname), os.path.join(staging, sub, fname),
-                              sub.startswith('labels'), spacing_xyz, num_classes)
-    with open(os.path.join(staging, 'benchmark_prep.json'), 'w') as f:
+def install_converted(converted: str, final: str, params: Dict) -> str:
+    """Move a dataset the converter wrote (already at the benchmark's spacing) to ``final`` with the build
+    parameters as ``benchmark_prep.json`` (the reuse marker)."""
+    with open(os.path.join(converted, 'benchmark_prep.json'), 'w') as f:
         json.dump(params, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.replace(staging, final)
+    os.replace(converted, final)
     return final
 
 

@@ -3,7 +3,7 @@
 every test case present, 12 in today's subset, of the UA-MT h5 release; the row records which), resampled to
 2.5 mm isotropic so that a run fits a 2-core CPU.
 
-Datasets (built once per ``--work`` folder with the LA converter, then resampled with SimpleITK):
+Datasets (built once per ``--work`` folder with the LA converter and its ``--target-spacing``):
 
 - (a) ``--labeled`` (2 by default, or 1) labeled + the other training cases unlabeled, the test cases;
 - (b) all 20 training cases labeled (the upper bound), the same test cases;
@@ -90,7 +90,8 @@ def raw_name(args, arm: str) -> str:
 
 def prepare_raw(args, dataset_id: int, name: str, labeled_ids: List[str], train_ids: List[str],
                 test_ids: List[str]) -> str:
-    """Convert with the LA converter into a temporary root, resample into ``nnUNet_raw``; reused when present."""
+    """Convert with the LA converter (``--target-spacing``: the benchmark's spacing) into a temporary root, then
+    move into ``nnUNet_raw``; reused when present."""
     work, labeled = args.work, len(labeled_ids)
     raw_root = os.path.join(work, 'nnUNet_raw')
     final = os.path.join(raw_root, f'Dataset{dataset_id:03d}_{name}')
@@ -110,10 +111,10 @@ def prepare_raw(args, dataset_id: int, name: str, labeled_ids: List[str], train_
     out_root = os.path.join(tmp_root, 'raw')
     labeled_args = ['--labeled', str(labeled)] if first_cases else ['--labeled-list', lists['labeled']]
     run_step(['nnUNetv2_semiseg_convert_LA', '-i', args.data, '-d', str(dataset_id), '--name', name, '--output',
-              out_root, *labeled_args, '--train-list', lists['train'], '--test-list', lists['test']],
+              out_root, *labeled_args, '--train-list', lists['train'], '--test-list', lists['test'],
+              *common.target_spacing_args((args.spacing,) * 3)],
              dict(os.environ), os.path.join(work, 'logs', 'prepare.log'))
-    common.resample_dataset(os.path.join(out_root, f'Dataset{dataset_id:03d}_{name}'), final, params,
-                            (args.spacing,) * 3, num_classes=2)
+    common.install_converted(os.path.join(out_root, f'Dataset{dataset_id:03d}_{name}'), final, params)
     shutil.rmtree(tmp_root, ignore_errors=True)
     return final
 

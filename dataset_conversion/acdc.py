@@ -281,7 +281,8 @@ def _read_patient_list(path: Path | None, packaged: str | None) -> tuple[list[st
 def convert(args: argparse.Namespace) -> Path:
     output_root = common.resolve_output_root(args.output)
     folder_name = common.dataset_folder_name(args.dataset_id, args.name)
-    writer = common.DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,))
+    writer = common.DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,),
+                                  target_spacing=args.target_spacing)
     writer.check_target()
     fmt, patients = find_patients(Path(args.input), args.format)
 

@@ -319,7 +319,8 @@ def convert(args) -> Path:
     else:
         labels = {'background': 0, 'whole tumor': [1, 2, 3], 'tumor core': [2, 3], 'enhancing tumor': [3]}
         region_extra = {'regions_class_order': [1, 2, 3]}
-    with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)) as writer:
+    with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,),
+                       target_spacing=args.target_spacing) as writer:
         for job in jobs:
             job['out'] = str(writer.tmp)
         infos = parallel_map(convert_case, jobs, args.num_processes, desc='BraTS2020')

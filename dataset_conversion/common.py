@@ -81,7 +81,7 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
     """Parser with the options shared by all converters. Converters may add their own options afterwards.
 
     Resulting attributes: input, dataset_id, name, output, overwrite, num_processes, labeled, labeled_list,
-    train_list, test_list, only_present, split.
+    train_list, test_list, only_present, write_found_lists, target_spacing, split.
     """
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path, help=input_help)
@@ -115,7 +115,25 @@ def build_parser(description: str, default_dataset_id: int, default_name: str,
                    help="write the split's training and test lists reduced to the cases present in the input to "
                         "DIR/train.txt and DIR/test.txt (for --train-list/--test-list with a partial download), "
                         "also when cases are missing")
+    p.add_argument("--target-spacing", dest="target_spacing", type=_spacing_value, nargs=3, default=None,
+                   metavar=("X", "Y", "Z"),
+                   help="resample every image and label to this spacing in mm (x y z; 'keep' leaves an axis as "
+                        "it is) on the same physical extent: images linear, labels per class linear with the "
+                        "largest value winning. For training at a coarser spacing than nnU-Net plans (e.g. on a "
+                        "CPU); nnU-Net's own way is -overwrite_target_spacing at planning (README)")
     return p
+
+
+def _spacing_value(text: str):
+    if text.strip().lower() == "keep":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is no spacing: give a positive number of mm or 'keep'")
+    return value
 
 
 def resolve_output_root(output: Path | None) -> Path:
@@ -306,9 +324,13 @@ class DatasetWriter:
 
     def __init__(self, output_root: Path, folder_name: str, overwrite: bool = False,
                  subfolders: Sequence[str] = (IMAGES_TR, LABELS_TR, IMAGES_UNLABELED, IMAGES_TS, LABELS_TS),
-                 inputs: Sequence = ()):
-        """``inputs``: folders the conversion reads (``-i``); the target must not be, contain or lie in one."""
+                 inputs: Sequence = (), target_spacing: Sequence | None = None):
+        """``inputs``: folders the conversion reads (``-i``); the target must not be, contain or lie in one.
+        ``target_spacing`` (x, y, z mm, None = keep an axis): every written file is resampled to it before the
+        folder is moved into place (``--target-spacing``)."""
         self.inputs = tuple(inputs)
+        self.target_spacing = None if target_spacing is None or all(v is None for v in target_spacing) \
+            else tuple(target_spacing)
         self.root = Path(output_root)
         self.folder_name = folder_name
         self.target = self.root / folder_name
@@ -384,6 +406,12 @@ class DatasetWriter:
 
     def _commit(self) -> None:
         from nnunetv2_semiseg.utilities import safe_io
+        if self.target_spacing is not None:
+            from dataset_conversion.resample import resample_dataset_folder
+            shown = " x ".join("native" if v is None else f"{v:g}" for v in self.target_spacing)
+            print(f"Resampling to {shown} mm (x y z) ...", flush=True)
+            count = resample_dataset_folder(self.tmp, self.target_spacing)
+            print(f"Resampled {count} files.", flush=True)
         safe_io.finish_temp_dir(self.tmp)  # mkdtemp's 0700 would survive the rename: follow the umask
         backup = None
         if self.target.exists():

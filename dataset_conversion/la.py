@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def convert(args: argparse.Namespace) -> Path:
     output_root = common.resolve_output_root(args.output)
     folder_name = common.dataset_folder_name(args.dataset_id, args.name)
-    writer = common.DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,))
+    writer = common.DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,),
+                                  target_spacing=args.target_spacing)
     writer.check_target()  # fail before reading anything
     fmt, cases = find_cases(Path(args.input), args.format)
 

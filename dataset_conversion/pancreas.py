@@ -377,7 +377,8 @@ def convert(args) -> Path:
     for w in warnings:
         print(f'WARNING: {w}')
 
-    with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,)) as writer:
+    with DatasetWriter(output_root, folder_name, args.overwrite, inputs=(args.input,),
+                       target_spacing=args.target_spacing) as writer:
         jobs = make_jobs(assignment, writer.tmp, fmt, sources, labels, args.label_geometry)
         results = parallel_map(convert_case, jobs, args.num_processes, desc='Pancreas-CT')
         warnings += spacing_outlier_warnings({r['case_id']: r['spacing_xyz'] for r in results}, assignment.labeled)

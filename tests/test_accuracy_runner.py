@@ -17,6 +17,7 @@ if BENCH not in sys.path:
 import accuracy_common  # noqa: E402
 import accuracy_report  # noqa: E402
 import paired_stats as ps  # noqa: E402
+from dataset_conversion.resample import resample_file  # noqa: E402
 from nnunetv2_semiseg.utilities.real_data import real_data_folder  # noqa: E402
 
 ACDC = real_data_folder('ACDC')
@@ -96,7 +97,7 @@ def test_resampled_labels_take_the_class_with_the_largest_interpolated_mask(tmp_
                       [3, 0, 3, 0]])
     src, dst = str(tmp_path / 'l.nii.gz'), str(tmp_path / 'r.nii.gz')
     sitk.WriteImage(_label_image(np.stack([plane, plane[::-1]]), (1.0, 1.0, 10.0)), src)
-    accuracy_common.resample_file(src, dst, True, (2.0, 2.0, None), num_classes=4)
+    resample_file(src, dst, True, (2.0, 2.0, None), num_classes=4)
     out = sitk.ReadImage(dst)
     assert out.GetSpacing() == (2.0, 2.0, 10.0) and out.GetSize() == (2, 2, 2)
     got = sitk.GetArrayFromImage(out)
@@ -107,7 +108,7 @@ def test_resampled_labels_take_the_class_with_the_largest_interpolated_mask(tmp_
     # binary labels: mask >= 0.5 (the LA data path), a half-covered block is foreground
     plane2 = (plane >= 2).astype(np.uint8)   # blocks [0,0,1,1] [0,0,0,1] [1,1,1,0] [0,1,1,0]
     sitk.WriteImage(_label_image(np.stack([plane2, plane2]), (1.0, 1.0, 10.0)), src)
-    accuracy_common.resample_file(src, dst, True, (2.0, 2.0, None), num_classes=2)
+    resample_file(src, dst, True, (2.0, 2.0, None), num_classes=2)
     assert sitk.GetArrayFromImage(sitk.ReadImage(dst))[0].tolist() == [[1, 0], [1, 1]]
 
 

@@ -316,3 +316,36 @@ def test_real_la_subset_through_nnunet(tmp_path, monkeypatch):
     unlabeled = pre / "Dataset931_LA" / f"{cfg['data_identifier']}_unlabeled"
     assert sorted(p.name for p in unlabeled.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")) == [
         f"{UAMT_TRAIN[2]}.b2nd"]
+
+
+def test_target_spacing_resamples_every_file_before_the_folder_appears(tmp_path, capsys):
+    ids = UAMT_TRAIN[:2] + UAMT_TEST[:1]
+    src = make_h5_release(tmp_path / "src", ids)
+    tr = write_list(tmp_path / "train.txt", ids[:2])
+    te = write_list(tmp_path / "test.txt", ids[2:])
+    assert run(tmp_path, "-i", src, "-d", 11, "--train-list", tr, "--test-list", te, "--labeled", 1,
+               "--target-spacing", "1.25", "1.25", "keep") == 0
+    out = tmp_path / "raw" / "Dataset011_LA"
+    assert "Resampled 5 files." in capsys.readouterr().out          # 3 images + 2 labels (labeled and test)
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))   # no staged file left
+    image, label = _volume(0)                                       # the first case, (x, y, z) arrays
+    img = sitk.ReadImage(str(out / "imagesTr" / f"{ids[0]}_0000.nii.gz"))
+    assert img.GetSpacing() == pytest.approx((1.25, 1.25, 0.625)) and img.GetSize() == (8, 6, 8)
+    # each new voxel centre lies midway in a 2 x 2 block of the old grid: linear = the block's mean
+    expected = image.reshape(8, 2, 6, 2, 8).mean((1, 3)).transpose(2, 1, 0)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(img), expected, atol=1e-5)
+    # label x 4..9, y 3..7: blocks x (4,5)(6,7)(8,9) and y (2,3) half, (4,5), (6,7) reach 0.5 -> foreground
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{ids[0]}.nii.gz")))
+    want = np.zeros((8, 6, 8), np.uint8)
+    want[2:6, 1:4, 2:5] = 1
+    np.testing.assert_array_equal(got, want)
+    assert label_values(out / "labelsTs" / f"{ids[2]}.nii.gz") == [0, 1]
+
+
+def test_target_spacing_must_be_positive_or_keep(tmp_path, capsys):
+    src = make_h5_release(tmp_path / "src", UAMT_TRAIN[:1])
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "-i", src, "--target-spacing", "0", "1", "keep")
+    assert info.value.code == 2
+    assert "'0' is no spacing: give a positive number of mm or 'keep'" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()
