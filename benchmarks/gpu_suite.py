@@ -54,7 +54,7 @@ E2E_DATASET = 981
 # Every trainer of the package joins (a) and (b); the accuracy plan lists the methods of the table.
 NEW_TRAINERS = ['nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerFLPM', 'nnUNetTrainerSSNetFLPM',
                 'nnUNetTrainerDualStream', 'nnUNetTrainerBCP']
-E2E_TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet'] + NEW_TRAINERS
+E2E_TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet'] + NEW_TRAINERS + ['nnUNetTrainerBCPFLPM']
 COST_TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet'] + NEW_TRAINERS + \
     ['nnUNetTrainerDualStream_releasedCode', 'nnUNetTrainerBCP_noPretrain']
 ACCURACY_METHODS = ['supervised_a', 'supervised_b', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'selftrain',

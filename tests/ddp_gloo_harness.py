@@ -18,7 +18,6 @@ import traceback
 from datetime import timedelta
 from typing import Dict, List
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -93,10 +92,27 @@ def install_patches(spy: Dict[str, list]) -> None:
     torch.save = save
 
 
+def probe_input(patch_size) -> torch.Tensor:
+    """The fixed input on which a rank's trained network and the one-process predictor are compared."""
+    return torch.randn(1, 1, *patch_size, generator=torch.Generator().manual_seed(0))
+
+
+def trained_network_output(trainer) -> torch.Tensor:
+    """The rank's network as it stands after training / ``--c``, in inference form (eval, no deep supervision)."""
+    from nnunetv2_semiseg.trainers.semi_supervised import unwrap_network
+    trainer.set_deep_supervision_enabled(False)
+    network = unwrap_network(trainer.network)
+    network.eval()
+    with torch.no_grad():
+        return network(probe_input(trainer.configuration_manager.patch_size)).detach().clone()
+
+
 def trainer_report(trainer, spy: Dict[str, list]) -> dict:
     from nnunetv2_semiseg.trainers.semi_supervised import unwrap_network
+    state = _to_cpu(unwrap_network(trainer.network).state_dict())
     return {
-        'network': _to_cpu(unwrap_network(trainer.network).state_dict()),
+        'output': trained_network_output(trainer),
+        'network': state,
         'semiseg': _to_cpu(trainer.semiseg_state()),
         'batch_size': trainer.batch_size,
         'unlabeled_batch_size_per_rank': trainer.unlabeled_batch_size_per_rank,

@@ -1,14 +1,15 @@
 """Drive the stock command-line entry points for several trainers in ONE Python process (a helper of
-tests/test_region_every_trainer.py, not a test module).
+tests/test_region_every_trainer.py and tests/test_ignore_label_every_trainer.py, not a test module).
 
 Each step calls the function its console script calls (``nnUNetv2_train`` -> ``run_training_entry``, ...) with the
 command line in ``sys.argv``, exactly as the installed script does, so argument parsing, the trainer search through
 ``nnUNet_extTrainer`` and strict checkpoint loading all run for real; only the interpreter start (about 20 s per
 command on a loaded 2-core machine) is shared.
 
-    python tests/region_cli_chain.py <report.json> <dataset id> <plans> <configuration> <images folder> <out> T1 T2 ...
+    python tests/region_cli_chain.py <report.json> <dataset id> <plans> <configuration> <images folder> <out> \
+        [--no-resume] T1 T2 ...
 
-Per trainer: train 1 epoch, resume with --c to 2 epochs, predict with the trainer (saving probabilities), export
+Per trainer: train 1 epoch, resume with --c to 2 epochs (not with --no-resume), predict with the trainer (saving probabilities), export
 to a plain nnU-Net model, predict with the exported model by stock nnU-Net's predictor (model-folder API). A failing
 trainer is recorded (step and traceback) and the next one runs.
 """
@@ -40,7 +41,7 @@ def predict_model_folder(model_folder, images, output):
     predictor.predict_from_files_sequential(images, output, save_probabilities=False, overwrite=True)
 
 
-def chain(trainer, dataset_id, plans, configuration, images, out):
+def chain(trainer, dataset_id, plans, configuration, images, out, resume=True):
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
     from nnunetv2.run.run_training import run_training_entry
     from nnunetv2_semiseg.export_plain import main as export_main
@@ -62,6 +63,8 @@ def chain(trainer, dataset_id, plans, configuration, images, out):
         ('predict_exported', {}, lambda: predict_model_folder(os.path.join(base, 'plain'), images,
                                                                os.path.join(base, 'pred_plain')), ['predict_exported']),
     ]
+    if not resume:
+        steps = [step for step in steps if step[0] != 'resume']
     record = {'model': model, 'base': base, 'seconds': {}}
     for name, env, entry, argv in steps:
         os.environ.update(env)
@@ -78,9 +81,11 @@ def chain(trainer, dataset_id, plans, configuration, images, out):
 
 def main():
     report_file, dataset_id, plans, configuration, images, out, *trainers = sys.argv[1:]
+    resume = '--no-resume' not in trainers
+    trainers = [t for t in trainers if t != '--no-resume']
     report = {}
     for trainer in trainers:
-        report[trainer] = chain(trainer, dataset_id, plans, configuration, images, out)
+        report[trainer] = chain(trainer, dataset_id, plans, configuration, images, out, resume)
         with open(report_file, 'w') as f:
             json.dump(report, f, indent=1)
 

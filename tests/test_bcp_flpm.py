@@ -18,16 +18,12 @@ from nnunetv2_semiseg.trainers.bcp_flpm import nnUNetTrainerBCPFLPM
 from nnunetv2_semiseg.trainers.flpm_components import FeaturePerturbedConsistency
 
 from test_bcp_trainer import _batch, _trainer
+from test_flpm_wiring import sfpc_by_hand
 
 SEED = 11
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _network(seed=0):
@@ -59,20 +55,7 @@ def _expected_consistency(network, rows):
         network.decoder(network.encoder(rows))
         handle.remove()
         f = seen['f'].double()
-        mean = f.mean((2, 3))
-        std = (f.var((2, 3), unbiased=False) + 1e-6).sqrt()
-        mean_spread, std_spread = mean.std(0), std.std(0)
-        u = torch.rand(4, generator=torch.Generator().manual_seed(SEED)).double()
-        probabilities = []
-        for eps in (2 * u - 1) * 0.1:
-            gamma, beta = std + eps * std_spread, mean + eps * mean_spread
-            g = gamma[..., None, None] * (f - mean[..., None, None]) / std[..., None, None] + beta[..., None, None]
-            logits = network.decoder.seg_layers[-1](last_block(g.float())).double()
-            probabilities.append(torch.softmax(logits, 1))
-        p = torch.stack(probabilities)
-        weights = torch.exp((p * torch.log(p)).sum(2))
-        distance = ((p - p.mean(0, keepdim=True)) ** 2).sum(2).sqrt()
-        return ((weights * distance).sum(0) / weights.sum(0) / 4).mean().item()
+    return sfpc_by_hand(f, lambda g: network.decoder.seg_layers[-1](last_block(g)), seed=SEED)[0]
 
 
 def _student_inputs(t):
@@ -156,3 +139,29 @@ def test_bcp_flpm_3d_through_the_stock_cli(workspace, tmp_path):
            '-c', '3d_fullres', '-f', '0', '-tr', trainer, '-p', ws.plans, '-device', 'cpu', '-npp', '0',
            '-nps', '0', '--disable_tta')
     assert sorted(f for f in os.listdir(out) if f.endswith('.nii.gz')) == ['test_000.nii.gz', 'test_001.nii.gz']
+
+
+def test_epoch_weights_follow_the_phase_and_sfpc_ramp_and_the_set_up_names_the_switch():
+    # 10 steps, pre-training for round(0.3 * 10) = 3 of them (steps 0-2). The weight reported at an epoch's end is
+    # the weight of its last step, global_iteration - 1.
+    t = _bcp_flpm(pretrain_fraction=0.3, global_iteration=3)                # last step 2: still pre-training
+    assert t.current_term_weights() == {'pretrain': 1.0, 'inward': 0.0, 'outward': 0.0, 'fpc': 0.0}
+    t.global_iteration = 4                                                   # last step 3: the first self-training
+    assert t.current_term_weights() == pytest.approx({'pretrain': 0.0, 'inward': 1.0, 'outward': 1.0,
+                                                      'fpc': 0.1 * math.exp(-5 * (1 - 0.3) ** 2)})
+    t.global_iteration = 10                                                  # last step 9: t = 0.9
+    assert t.current_term_weights()['fpc'] == pytest.approx(0.1 * math.exp(-5 * 0.1 ** 2))
+    lines = t.term_weight_lines()
+    assert lines[0] == 'Loss term pretrain: labeled-only copy-paste (both patches ground truth), weight 1 for ' \
+                       'steps 0-2 (0.3 of 10 steps), then 0.'
+    assert lines[1].startswith('Loss terms inward / outward: ') and 'from step 3 on' in lines[1] and \
+        'u_weight=0.5' in lines[1]
+    assert lines[2].startswith('Loss term fpc: ') and 'weight 0.1, sigmoid ramp' in lines[2]
+
+
+def test_plain_bcp_reports_phase_weights_for_its_own_terms_only():
+    from nnunetv2_semiseg.trainers.bcp import nnUNetTrainerBCP_oneDirection
+    t = _trainer(nnUNetTrainerBCP_oneDirection, total_iterations=10, pretrain_fraction=0.3)
+    t.global_iteration = 5
+    assert t.current_term_weights() == {'pretrain': 0.0, 'inward': 1.0}
+    assert t.term_weight_lines()[1].startswith('Loss terms inward: ')

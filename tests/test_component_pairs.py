@@ -28,7 +28,6 @@ import itertools
 import os
 import pkgutil
 import re
-import shutil
 import zlib
 
 import pytest
@@ -149,12 +148,7 @@ def _trainer_class(classes):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def pair_workspace(tiny_dataset, tmp_path_factory):
-    from conftest import Workspace
-    base = str(tmp_path_factory.mktemp('pairs'))
-    for sub in ('nnUNet_raw', 'nnUNet_preprocessed'):
-        shutil.copytree(os.path.join(tiny_dataset.base, sub), os.path.join(base, sub), symlinks=True)
-    os.makedirs(os.path.join(base, 'nnUNet_results'))
-    return Workspace(base)
+    return tiny_dataset.copy_to(str(tmp_path_factory.mktemp('pairs')))
 
 
 @pytest.fixture

@@ -11,21 +11,21 @@ tiny plans have batch size 2, so each of the 2 ranks trains on 1 labeled and 1 u
 
 ``nnUNet_semiseg_seed`` is set for the run: a repeatable run must still give every rank its own draws."""
 import os
-import shutil
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import Workspace
-from ddp_gloo_harness import worker
+from ddp_gloo_harness import probe_input, worker
 
-TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerFLPM',
-            'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerDualStream', 'nnUNetTrainerBCP']
+TRAINERS = ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerFLPM', 'nnUNetTrainerSSNetFLPM',
+            'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerDualStream', 'nnUNetTrainerDualStream_releasedCode',
+            'nnUNetTrainerBCP', 'nnUNetTrainerBCPFLPM']
 # trainers with state besides the step counter in checkpoint['semiseg'] (FLPM and DualStream keep everything in
 # the network)
-STATEFUL = {'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerVoxelAdversarial', 'nnUNetTrainerBCP'}
+STATEFUL = {'nnUNetTrainerMeanTeacher', 'nnUNetTrainerSSNet', 'nnUNetTrainerSSNetFLPM', 'nnUNetTrainerVoxelAdversarial',
+            'nnUNetTrainerBCP', 'nnUNetTrainerBCPFLPM'}
 RESUMED = 'nnUNetTrainerBCP'      # the trainer with the most extra state (phase, teacher, mask seed)
 WORLD = 2
 ITERATIONS = 2
@@ -57,11 +57,7 @@ def _differences(a, b, path=''):
 
 @pytest.fixture(scope='module')
 def ddp_run(tiny_dataset, tmp_path_factory):
-    base = str(tmp_path_factory.mktemp('ddp_ws'))
-    for sub in ('nnUNet_raw', 'nnUNet_preprocessed'):
-        shutil.copytree(os.path.join(tiny_dataset.base, sub), os.path.join(base, sub), symlinks=True)
-    os.makedirs(os.path.join(base, 'nnUNet_results'))
-    ws = Workspace(base)
+    ws = tiny_dataset.copy_to(str(tmp_path_factory.mktemp('ddp_ws')))
     out = tmp_path_factory.mktemp('ddp_reports')
     env = {k: v for k, v in ws.train_env(epochs=1, iterations=ITERATIONS, val_iterations=1).items()
            if k.startswith('nnUNet')}
@@ -133,6 +129,33 @@ def test_resume_with_c_in_two_ranks_restores_the_checkpoint_on_every_rank(ddp_ru
         assert _differences(rep['network'], trained['network'], 'network') == []
         assert _differences(rep['semiseg'], trained['semiseg'], 'semiseg') == []
     assert reports[RESUMED + '_resumed'][1]['saved'] == []
+
+
+def _one_process_prediction(model_folder: str) -> torch.Tensor:
+    """What nnUNetv2_predict builds from the model folder in one process (network from the plans, strict load of
+    checkpoint_final.pth), run on the probe input."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device('cpu'),
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, ('0',), 'checkpoint_final.pth')
+    network = predictor.network
+    network.load_state_dict(predictor.list_of_parameters[0])
+    network.eval()
+    with torch.no_grad():
+        return network(probe_input(predictor.configuration_manager.patch_size))
+
+
+@pytest.mark.parametrize('name', TRAINERS)
+def test_checkpoint_predicts_in_one_process_exactly_like_the_ranks(ddp_run, name, one_torch_thread):
+    """The DDP checkpoint (rank 0's) loaded by the one-process predictor gives bit for bit the output both ranks'
+    networks give; for the trainer resumed with --c in 2 ranks, so do the resumed ranks' networks."""
+    ws, reports, _ = ddp_run
+    expected = _one_process_prediction(ws.model_folder(name))
+    runs = [name] + ([RESUMED + '_resumed'] if name == RESUMED else [])
+    for run in runs:
+        for r, rep in enumerate(reports[run]):
+            assert torch.equal(rep['output'], expected), (run, r, (rep['output'] - expected).abs().max().item())
+    assert expected.abs().max() > 0
 
 
 def test_gathered_statistics_equal_one_process_on_the_concatenated_batch(ddp_run):

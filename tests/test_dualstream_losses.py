@@ -11,13 +11,7 @@ from nnunetv2_semiseg.losses.dualstream import (class_prototypes, cosine_consist
                                                 voxel_entropy)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # These in-process tests use tiny tensors: on a loaded 2-core machine, intra-op threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _binary_probabilities(foreground):

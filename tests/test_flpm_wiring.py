@@ -20,12 +20,7 @@ from nnunetv2_semiseg.trainers.flpm import nnUNetTrainerFLPM
 NUM_LABELED, NUM_UNLABELED, CLASSES, SEED = 2, 3, 3, 11
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _trainer():
@@ -53,6 +48,31 @@ def _batch():
     return data, torch.randn(NUM_UNLABELED, 1, 16, 16, generator=g)
 
 
+def sfpc_by_hand(f, decode, seed=SEED, num_perturbations=4, epsilon=0.1):
+    """SFPC Eq. 1-5 by hand on the captured penultimate feature ``f`` (float64, spread over all its rows): M epsilons
+    drawn as the trainer draws them (U[-epsilon, epsilon] from a generator seeded ``seed``), gamma/beta of Eq. 1-3,
+    ``decode`` (last block + 1x1 segmentation layer), entropy weights exp(-H) and the L2 distance to the mean of
+    Eq. 4-5. Returns (L_u, the M perturbed probabilities)."""
+    with torch.no_grad():
+        return _sfpc_by_hand(f, decode, seed, num_perturbations, epsilon)
+
+
+def _sfpc_by_hand(f, decode, seed, num_perturbations, epsilon):
+    mean = f.mean((2, 3))
+    std = (f.var((2, 3), unbiased=False) + 1e-6).sqrt()
+    mean_spread, std_spread = mean.std(0), std.std(0)
+    u = torch.rand(num_perturbations, generator=torch.Generator().manual_seed(seed)).double()
+    probabilities = []
+    for eps in (2 * u - 1) * epsilon:
+        gamma, beta = std + eps * std_spread, mean + eps * mean_spread
+        g = gamma[..., None, None] * (f - mean[..., None, None]) / std[..., None, None] + beta[..., None, None]
+        probabilities.append(torch.softmax(decode(g.float()).double(), 1))
+    p = torch.stack(probabilities)                                               # (M, B_u, C, H, W)
+    weights = torch.exp((p * torch.log(p)).sum(2))                               # exp(-H(p_m))
+    distance = ((p - p.mean(0, keepdim=True)) ** 2).sum(2).sqrt()
+    return ((weights * distance).sum(0) / weights.sum(0) / num_perturbations).mean().item(), p
+
+
 def _expected_consistency(base, x):
     """L_u by hand: penultimate feature from a hook on the stock network, Eq. 1-3 with M = 4 epsilons drawn as the
     trainer draws them (U[-0.1, 0.1]), last block + 1x1 segmentation layer, Eq. 4-5 with entropy weights."""
@@ -63,20 +83,7 @@ def _expected_consistency(base, x):
         base(x)
         handle.remove()
         f = seen['f'][NUM_LABELED:].double()                                         # unlabeled rows only
-        mean = f.mean((2, 3))
-        std = (f.var((2, 3), unbiased=False) + 1e-6).sqrt()
-        mean_spread, std_spread = mean.std(0), std.std(0)                            # over the unlabeled rows
-        u = torch.rand(4, generator=torch.Generator().manual_seed(SEED)).double()
-        probabilities = []
-        for eps in (2 * u - 1) * 0.1:
-            gamma, beta = std + eps * std_spread, mean + eps * mean_spread
-            g = gamma[..., None, None] * (f - mean[..., None, None]) / std[..., None, None] + beta[..., None, None]
-            logits = base.decoder.seg_layers[-1](last_block(g.float())).double()
-            probabilities.append(torch.softmax(logits, 1))
-        p = torch.stack(probabilities)                                               # (M, B_u, C, H, W)
-        weights = torch.exp((p * torch.log(p)).sum(2))                               # exp(-H(p_m))
-        distance = ((p - p.mean(0, keepdim=True)) ** 2).sum(2).sqrt()
-        return ((weights * distance).sum(0) / weights.sum(0) / 4).mean().item(), p
+    return sfpc_by_hand(f, lambda g: base.decoder.seg_layers[-1](last_block(g)))
 
 
 def test_fpc_perturbs_the_penultimate_feature_of_the_unlabeled_rows_with_their_own_spread():

@@ -17,16 +17,19 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_semiseg.trainers.bcp import nnUNetTrainerBCP
-from nnunetv2_semiseg.trainers.dualstream import nnUNetTrainerDualStream
+from nnunetv2_semiseg.trainers.bcp_flpm import nnUNetTrainerBCPFLPM
+from nnunetv2_semiseg.trainers.dualstream import nnUNetTrainerDualStream, nnUNetTrainerDualStream_releasedCode
 from nnunetv2_semiseg.trainers.flpm import nnUNetTrainerFLPM
 from nnunetv2_semiseg.trainers.flpm_ssnet import nnUNetTrainerSSNetFLPM
 from nnunetv2_semiseg.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunetv2_semiseg.trainers.ssnet import nnUNetTrainerSSNet
 from nnunetv2_semiseg.trainers.voxel_adversarial import nnUNetTrainerVoxelAdversarial
 
+# every method trainer (the ablation and schedule variants share their parent's code paths)
 TRAINERS = {cls.__name__: cls for cls in (nnUNetTrainerMeanTeacher, nnUNetTrainerSSNet, nnUNetTrainerFLPM,
                                           nnUNetTrainerSSNetFLPM, nnUNetTrainerDualStream,
-                                          nnUNetTrainerVoxelAdversarial, nnUNetTrainerBCP)}
+                                          nnUNetTrainerDualStream_releasedCode, nnUNetTrainerVoxelAdversarial,
+                                          nnUNetTrainerBCP, nnUNetTrainerBCPFLPM)}
 CONFIGURATION = '3d_fullres'
 REGIONS_CLASS_ORDER = [1, 2]
 CASE = 'test_000'
@@ -36,21 +39,25 @@ def _load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
-@pytest.fixture(scope='module')
-def chain(region_dataset, tmp_path_factory):
-    ws = region_dataset
-    out = str(tmp_path_factory.mktemp('region_chain'))
+def run_chain(ws, out: str, trainers, resume: bool = True) -> dict:
+    """tests/region_cli_chain.py for ``trainers`` on the planned workspace ``ws``; its report (one record each)."""
     report_file = os.path.join(out, 'report.json')
     env = ws.train_env(epochs=1, iterations=2, val_iterations=1)
     env['OMP_NUM_THREADS'] = '1'
     helper = os.path.join(os.path.dirname(__file__), 'region_cli_chain.py')
     proc = subprocess.run([sys.executable, helper, report_file, str(ws.dataset_id), ws.plans, CONFIGURATION,
-                           os.path.join(ws.raw, 'imagesTs'), out, *TRAINERS], env=env, stdout=subprocess.PIPE,
+                           os.path.join(ws.raw, 'imagesTs'), out, *([] if resume else ['--no-resume']), *trainers],
+                          env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, encoding='utf-8', errors='replace')
     if not os.path.isfile(report_file):
         pytest.fail(f'the command chain wrote no report (exit {proc.returncode}):\n{proc.stdout[-4000:]}')
     with open(report_file) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def chain(region_dataset, tmp_path_factory):
+    return run_chain(region_dataset, str(tmp_path_factory.mktemp('region_chain')), TRAINERS)
 
 
 def _region_segmentation(probabilities: np.ndarray) -> np.ndarray:
