@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-LABEL_FOLDERS = ("labelsTr", "labelsTs")
-IMAGE_FOLDERS = ("imagesTr", "imagesUnlabeled", "imagesTs")
+from dataset_conversion.common import FILE_ENDING, IMAGES_TR, IMAGES_TS, IMAGES_UNLABELED, LABELS_TR, LABELS_TS
+
+LABEL_FOLDERS = (LABELS_TR, LABELS_TS)
+IMAGE_FOLDERS = (IMAGES_TR, IMAGES_UNLABELED, IMAGES_TS)
 
 
 def resample_file(src: str, dst: str, is_label: bool, spacing_xyz: Sequence[Optional[float]],
@@ -85,7 +87,7 @@ def resample_dataset_folder(folder: Path | str, spacing_xyz: Sequence[Optional[f
         if not (folder / sub).is_dir():
             continue
         for path in sorted((folder / sub).iterdir()):
-            if not path.name.endswith(".nii.gz"):
+            if not path.name.endswith(FILE_ENDING):
                 continue
             staged = path.with_name(".resampling_" + path.name)
             resample_file(str(path), str(staged), sub in LABEL_FOLDERS, spacing_xyz, num_classes)

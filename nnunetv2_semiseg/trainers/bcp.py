@@ -85,8 +85,7 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
     def current_term_weights(self) -> Dict[str, float]:
         """BCP switches its terms by phase instead of ramping them: 1 for the terms of the phase of the epoch's
         last optimizer step, 0 for the other phase's (the pseudo-labelled voxels' u_weight is inside the terms)."""
-        last_step = max(0, self.global_iteration - 1)
-        active = ('pretrain',) if last_step < self.switch_step() else ('inward', 'outward')
+        active = ('pretrain',) if self.epoch_last_step() < self.switch_step() else ('inward', 'outward')
         return {name: float(name in active) for name in ('pretrain', 'inward', 'outward')
                 if name in self.loss_term_names}
 

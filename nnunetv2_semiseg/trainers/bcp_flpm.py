@@ -51,7 +51,7 @@ class nnUNetTrainerBCPFLPM(nnUNetTrainerBCP):
 
     def current_term_weights(self) -> Dict[str, float]:
         weights = super().current_term_weights()
-        fraction = max(0, self.global_iteration - 1) / max(1, self.total_iterations())
+        fraction = self.epoch_last_step() / max(1, self.total_iterations())
         weights['fpc'] = 0.0 if weights['pretrain'] else self.feature_consistency.weight_at(fraction)
         return weights
 

@@ -394,9 +394,13 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         in one method, like BCP)."""
         return list(getattr(self, 'loss_components', None) or [])
 
+    def epoch_last_step(self) -> int:
+        """The epoch's last optimizer step (at epoch end global_iteration already counts the next one)."""
+        return max(0, self.global_iteration - 1)
+
     def current_term_weights(self) -> Dict[str, float]:
         """Weight of every ramped term at the epoch's last optimizer step (constant weights are in the set-up)."""
-        fraction = max(0, self.global_iteration - 1) / max(1, self.total_iterations())
+        fraction = self.epoch_last_step() / max(1, self.total_iterations())
         return {c.name: c.weight_at(fraction) for c in self.loss_components_for_logging() if is_ramped(c)}
 
     def term_weight_lines(self) -> List[str]:
