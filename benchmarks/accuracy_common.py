@@ -41,6 +41,7 @@ if REPO not in sys.path:
 from iteration_cost import replace_section  # noqa: E402  (the markdown section writer)
 
 from nnunetv2_semiseg.demo.pipeline import nnunet_env, run_step  # noqa: E402
+from nnunetv2_semiseg.trainers.schedule import SWITCH_CHECKPOINT, SWITCH_CHECKPOINT_ENV_VAR  # noqa: E402
 
 SPLIT_DIR = os.path.join(REPO, 'dataset_conversion', 'splits')
 PLANS = 'nnUNetPlans'
@@ -234,6 +235,9 @@ def schedule_env(args) -> Dict[str, str]:
                 'nnUNet_semiseg_skip_final_validation': '1'})
     if args.snapshot_epochs:
         env['nnUNet_semiseg_snapshot_epochs'] = ','.join(str(e) for e in args.snapshot_epochs)
+    env.pop(SWITCH_CHECKPOINT_ENV_VAR, None)
+    if getattr(args, 'switch_diagnostic', False):
+        env[SWITCH_CHECKPOINT_ENV_VAR] = '1'
     return env
 
 
@@ -326,11 +330,56 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
         row.update(trainer=trainer, dataset=os.path.basename(raw['a']))
         row.update(train(args, dataset_id, trainer, method))
     row.update(predict_and_evaluate(args, dataset_id, trainer, raw['a'], method))
+    if args.switch_diagnostic:
+        diagnostic = teacher_at_switch(args, ids, raw, trainer, method)
+        if diagnostic is not None:
+            row['teacher_at_switch'] = diagnostic
     if args.snapshot_epochs:
         row['snapshots'] = snapshot_rows(args, dataset_id, trainer, raw['a'], method)
     m = row['metrics']
     log(args, f'{method}: Dice {m["dice"]:.4f}, Jaccard {m["jaccard"]:.4f}, 95HD {m["hd95_voxel"]:.2f} vox, '
               f'ASD {m["asd_voxel"]:.2f} vox, train {row["train_wall_s"]:.0f} s, {row["s_per_iteration"]:.3f} s/it')
+    return row
+
+
+def teacher_at_switch(args, ids: Dict[str, int], raw: Dict[str, str], trainer: str, method: str) -> Optional[Dict]:
+    """BCP's first pseudo-labels, measured (a diagnostic: never used for a choice). A BCP trainer run with
+    ``nnUNet_semiseg_bcp_switch_checkpoint=1`` wrote ``checkpoint_switch.pth``, the student its EMA teacher starts
+    from; predict (a)'s unlabeled cases with it (no TTA: the teacher's pseudo-labels have none) and score them
+    against their hidden labels, i.e. the same cases' labels in the upper-bound dataset (b). None for a trainer
+    without a phase switch."""
+    import torch
+    folder = model_folder(args, ids['a'], trainer)
+    checkpoint = os.path.join(folder, SWITCH_CHECKPOINT)
+    if not os.path.isfile(checkpoint):
+        log(args, f'{method}: no {SWITCH_CHECKPOINT} (not a BCP trainer): no teacher-at-switch diagnostic')
+        return None
+    step = int(torch.load(checkpoint, map_location='cpu', weights_only=False)['semiseg']['global_iteration'])
+    if 'b' not in raw:   # the hidden labels: reused when (b) is already built in this work folder
+        raw['b'] = args.spec.prepare_raw(args, ids['b'], args.spec.raw_name(args, 'b'), args.train_ids,
+                                         args.train_ids, args.test_ids)
+    images = os.path.join(raw['a'], 'imagesUnlabeled')
+    cases = sorted(f[:-len('_0000.nii.gz')] for f in os.listdir(images) if f.endswith('_0000.nii.gz'))
+    reference = os.path.join(args.work, 'switch_reference', args.results_tag, method)
+    shutil.rmtree(reference, ignore_errors=True)
+    os.makedirs(reference)
+    for case in cases:
+        hidden = os.path.join(raw['b'], 'labelsTr', f'{case}.nii.gz')
+        if not os.path.isfile(hidden):
+            raise RuntimeError(f'{method}: the unlabeled case {case} has no label in {raw["b"]}/labelsTr (the '
+                               f'upper-bound dataset must hold every training case); rebuild it in another --work')
+        shutil.copyfile(hidden, os.path.join(reference, f'{case}.nii.gz'))
+    out = os.path.join(args.work, 'predictions', args.results_tag, f'{method}_switch')
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.time()
+    run_step(['nnUNetv2_predict', '-i', images, '-o', out, '-d', str(ids['a']), '-c', args.spec.configuration,
+              '-f', FOLD, '-tr', trainer, '-p', PLANS, '-chk', SWITCH_CHECKPOINT, '-device', args.device,
+              '-npp', '1', '-nps', '1', '--disable_tta'], schedule_env(args),
+             os.path.join(args.work, 'logs', f'{method}_switch.log'))
+    row = args.spec.score(reference, out)
+    row.update(step=step, num_cases=len(cases), tta=False, predict_s=time.time() - started)
+    log(args, f'{method}: teacher at the switch (step {step}) Dice {row["metrics"]["dice"]:.4f} on the '
+              f'{len(cases)} unlabeled cases\' hidden labels')
     return row
 
 
@@ -498,6 +547,13 @@ def render(args, results: Dict) -> None:
             f'`{m}` (run `python benchmarks/{spec.prefix}.py --method {m}'
             f'{labeled_flag}{schedule_flags(s)}{draw_flag}{seed_flag}`)'
             for m in missing) + '.')
+    switch = [(name, rows[name]['teacher_at_switch']) for name in order if rows[name].get('teacher_at_switch')]
+    if switch:
+        extra.append('Teacher at BCP\'s phase switch (diagnostic only, never used for a choice: '
+                     f'`{SWITCH_CHECKPOINT}` predicting the unlabeled cases without TTA, scored against '
+                     'their hidden labels): ' + '; '.join(
+                         f'`{name}` step {d["step"]}: Dice {fmt(d["metrics"]["dice"], 2, 100)} % '
+                         f'({d["num_cases"]} cases)' for name, d in switch) + '.')
     extra += results.get('notes', [])
     for paragraph in extra:
         lines += ['', paragraph]
@@ -542,6 +598,9 @@ def build_parser(spec: DatasetSpec, description: str) -> argparse.ArgumentParser
                         'checkpoints after these epochs (nnUNet_semiseg_snapshot_epochs), stored as the row\'s '
                         'learning curve; epochs must be below the schedule\'s last')
     p.add_argument('--disable-tta', dest='disable_tta', action='store_true', help='predict without mirroring')
+    p.add_argument('--switch-diagnostic', dest='switch_diagnostic', action='store_true',
+                   help='BCP trainers: also score the teacher at the phase switch on the unlabeled cases\' hidden '
+                        f'labels ({SWITCH_CHECKPOINT_ENV_VAR}=1; stored as the row\'s teacher_at_switch)')
     p.add_argument('--results', default=None, help=f'results JSON (default: benchmarks/results/{spec.prefix}_*.json; '
                                                    'smoke: in the work folder)')
     p.add_argument('--markdown', default=None, help='markdown file (default: docs/benchmarks.md; smoke: in the work '
@@ -589,6 +648,7 @@ def main(spec: DatasetSpec, description: str, argv=None, extra: Optional[Dict] =
         return 2
     train_ids, test_ids = spec.case_ids(args)
     args.num_train, args.num_test = len(train_ids), len(test_ids)
+    args.train_ids, args.test_ids = train_ids, test_ids
     try:
         args.labeled_ids = draw_labeled(train_ids, args.labeled, args.labeled_draw) if train_ids else []
     except ValueError as e:

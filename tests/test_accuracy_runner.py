@@ -116,10 +116,12 @@ def test_resampled_labels_take_the_class_with_the_largest_interpolated_mask(tmp_
                     reason='real ACDC h5 data not found (set nnUNet_semiseg_ACDC_h5)')
 def test_acdc_smoke_run_scores_per_volume_and_class(tmp_path):
     """The ACDC path end to end on real volumes: convert (h5) + in-plane resampling, stock 2d planning,
-    nnUNetv2_train / nnUNetv2_predict, per-class scoring of every test volume, the table with per-class Dice."""
+    nnUNetv2_train / nnUNetv2_predict, per-class scoring of every test volume, the table with per-class Dice; and
+    BCP's teacher-at-switch diagnostic (--switch-diagnostic), scored on the unlabeled volumes' hidden labels."""
     work = tmp_path / 'work'
     proc = subprocess.run([sys.executable, os.path.join(BENCH, 'accuracy.py'), '--dataset', 'acdc', '--smoke',
-                           '--method', 'supervised_a', '--work', str(work)],
+                           '--method', 'supervised_a', 'nnUNetTrainerBCP', '--switch-diagnostic',
+                           '--work', str(work)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding='utf-8', errors='replace',
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -136,6 +138,37 @@ def test_acdc_smoke_run_scores_per_volume_and_class(tmp_path):
     assert '2d' in plans['configurations']
     text = (work / 'benchmarks_smoke.md').read_text()
     assert '| Dice % RV / MYO / LV |' in text and '<!-- accuracy_acdc:cpu:smoke:begin -->' in text
+    _check_teacher_at_switch(work, results)
+
+
+def _dice(prediction, reference, label):
+    p, r = prediction == label, reference == label
+    return 1.0 if p.sum() + r.sum() == 0 else 2.0 * (p & r).sum() / (p.sum() + r.sum())
+
+
+def _check_teacher_at_switch(work, results):
+    """BCP's row holds the switch checkpoint's Dice on exactly the unlabeled volumes (the smoke's training patients
+    after the 3 labeled ones), each against that volume's own ground truth, recomputed here with numpy."""
+    import SimpleITK as sitk
+    assert 'teacher_at_switch' not in results['methods']['supervised_a']   # no phase switch, no diagnostic
+    d = results['methods']['nnUNetTrainerBCP']['teacher_at_switch']
+    train = [p for p in open(os.path.join(REPO, 'dataset_conversion', 'splits', 'acdc_train_patients.txt')).read()
+             .split() if os.path.isfile(os.path.join(ACDC, 'data', f'{p}_frame01.h5'))]
+    unlabeled = sorted(f'{p}_frame0{n}' for p in train[3:5] for n in (1, 2))
+    assert sorted(d['per_case_dice']) == unlabeled and d['num_cases'] == 4 and d['tta'] is False
+    assert d['step'] == round(2000 / 17000 * 2)     # the smoke schedule: 2 iterations
+    model = next(work.glob('nnUNet_results/Dataset988_*/nnUNetTrainerBCP__nnUNetPlans__2d/fold_all'))
+    assert (model / 'checkpoint_switch.pth').is_file()
+    predictions = work / 'predictions' / 'smoke' / 'nnUNetTrainerBCP_switch'
+    labels = next(work.glob('nnUNet_raw/Dataset984_*/labelsTr'))
+    for case in unlabeled:
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f'{case}.nii.gz')))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(labels / f'{case}.nii.gz')))
+        assert not np.array_equal(pred, ref)   # a real comparison: the prediction is not its own reference
+        expected = np.mean([_dice(pred, ref, k) for k in (1, 2, 3)])
+        assert d['per_case_dice'][case] == pytest.approx(expected, abs=1e-6)
+    text = (work / 'benchmarks_smoke.md').read_text()
+    assert "Teacher at BCP's phase switch" in text and '`nnUNetTrainerBCP` step 0' in text
 
 
 def test_acdc_upper_bound_trains_with_the_labeled_sets_batch(tmp_path):

@@ -202,6 +202,40 @@ def test_phase_switch_initialises_the_teacher_once_at_the_configured_step():
     assert initialisations == [3]
 
 
+def test_switch_checkpoint_is_written_only_when_asked_and_holds_the_teachers_start(monkeypatch, tmp_path):
+    """nnUNet_semiseg_bcp_switch_checkpoint=1: one checkpoint_switch.pth, at the switch step, with the student
+    weights the teacher is initialised from (before that step's optimizer update); unset: none."""
+    from nnunetv2_semiseg.trainers.schedule import SWITCH_CHECKPOINT_ENV_VAR
+    key = 'decoder.seg_layers.0.weight'
+    for asked in (False, True):
+        if asked:
+            monkeypatch.setenv(SWITCH_CHECKPOINT_ENV_VAR, '1')
+        else:
+            monkeypatch.delenv(SWITCH_CHECKPOINT_ENV_VAR, raising=False)
+        t = _trainer(nnUNetTrainerBCP, total_iterations=4, pretrain_fraction=0.5)
+        t.output_folder = str(tmp_path)
+        saved = []
+        t.save_checkpoint = lambda filename: saved.append(
+            (filename, t.global_iteration, t.network.state_dict()[key].clone()))
+        optimizer = torch.optim.SGD(t.network.parameters(), lr=0.1)
+        before_step = []
+        for step in range(4):
+            x, target, u = _batch(20 + step)
+            before_step.append(t.network.state_dict()[key].clone())
+            optimizer.zero_grad()
+            t.compute_loss_terms(x, target, {'data': u})['loss'].backward()
+            optimizer.step()
+            t.global_iteration += 1
+            t.after_optimizer_step()
+        if not asked:
+            assert saved == []
+            continue
+        assert len(saved) == 1
+        filename, step, weights = saved[0]
+        assert filename == os.path.join(str(tmp_path), 'checkpoint_switch.pth') and step == 2
+        assert torch.equal(weights, before_step[2]) and not torch.equal(weights, before_step[3])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # resume on both sides of the boundary: a resumed run equals the uninterrupted one (real trainer, tiny 2d plans)
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Usage: ``nnUNetv2_train DatasetXXX 3d_fullres 0 -tr nnUNetTrainerBCP`` (after
 ``nnUNetv2_semiseg_preprocess_unlabeled``), then stock ``nnUNetv2_predict -tr nnUNetTrainerBCP``.
 """
 import operator
+import os
 from functools import reduce
 from typing import Dict, List, Tuple
 
@@ -30,6 +31,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_lo
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunetv2_semiseg.trainers.bcp_components import BCPTeacher, BidirectionalCopyPaste, MixedPatches
+from nnunetv2_semiseg.trainers.schedule import SWITCH_CHECKPOINT, SWITCH_CHECKPOINT_ENV_VAR, env_flag
 from nnunetv2_semiseg.trainers.semi_supervised import nnUNetTrainerSemiSupervised
 
 
@@ -104,6 +106,13 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
             self.teacher.initialise_from(self.unwrapped_network)
             self.print_to_log_file(f'BCP: self-training starts at step {self.global_iteration}; teacher '
                                    f'initialised from the student.')
+            if env_flag(SWITCH_CHECKPOINT_ENV_VAR):
+                # The weights the teacher starts from, as a normal checkpoint that nnUNetv2_predict -chk loads:
+                # the quality of the first pseudo-labels is then measurable on any labeled data (diagnostic only)
+                path = os.path.join(self.output_folder, SWITCH_CHECKPOINT)
+                self.save_checkpoint(path)
+                if os.path.isfile(path):
+                    self.print_to_log_file(f'BCP: {path} written ({SWITCH_CHECKPOINT_ENV_VAR} is set).')
 
     @property
     def rank(self) -> int:

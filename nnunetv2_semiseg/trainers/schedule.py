@@ -15,6 +15,9 @@ additionally honour these variables so one trained class can be run on any sched
                                                   e.g. for a learning curve on test cases (the schedule study of
                                                   docs/benchmarks.md); each is a normal checkpoint that
                                                   ``nnUNetv2_predict -chk checkpoint_epoch<N>.pth`` loads
+    nnUNet_semiseg_bcp_switch_checkpoint=1     -> BCP trainers also write ``checkpoint_switch.pth`` at the phase
+                                                  switch (the student the EMA teacher starts from), e.g. to
+                                                  measure the teacher's first pseudo-labels (docs/bcp.md)
 
 Ramp-ups are fractions of the total iterations, so they scale with the schedule.
 
@@ -218,9 +221,18 @@ def save_snapshot_if_requested(trainer) -> None:
             trainer.current_epoch += 1
 
 
+def env_flag(name: str) -> bool:
+    """True when the environment variable ``name`` is set to 1 / true / yes (any case)."""
+    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes')
+
+
+SWITCH_CHECKPOINT_ENV_VAR = 'nnUNet_semiseg_bcp_switch_checkpoint'
+SWITCH_CHECKPOINT = 'checkpoint_switch.pth'
+
+
 def final_validation_skipped(trainer) -> bool:
     """True (and says so in the log) when nnUNet_semiseg_skip_final_validation is set to 1/true."""
-    if os.environ.get('nnUNet_semiseg_skip_final_validation', '').strip().lower() in ('1', 'true', 'yes'):
+    if env_flag('nnUNet_semiseg_skip_final_validation'):
         trainer.print_to_log_file('Final validation skipped: nnUNet_semiseg_skip_final_validation is set.')
         return True
     return False
