@@ -233,6 +233,37 @@ def test_adversarial_real_fake_rows_and_confidence_threshold():
     assert all(p.grad is None for p in component.discriminator.parameters())
 
 
+def test_epoch_log_counts_each_heads_voxels_and_names_heads_without_unlabeled_voxels():
+    """The per-epoch line counts, per head, the labeled (ground truth) and the confident unlabeled voxels each
+    loss() sampled, and names the heads that got no unlabeled voxel (on real ACDC after 300 iterations the RV head
+    got none: the teacher reached 0.7 nowhere in RV). The count resets after each epoch's line."""
+    torch.manual_seed(1)
+    trainer = _trainer(nnUNetTrainerVoxelAdversarial, ACDC, 2)
+    trainer.pseudo_label_threshold = 0.7
+    component = trainer.adversarial
+    component.routing.voxels_per_class = 1000
+    data, unlabeled = torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16)
+    gt = torch.randint(0, 4, (1, 1, 16, 16))
+    probabilities = torch.full((2, 4, 16, 16), 0.25)
+    probabilities[1, :, :, :8] = 0.1 / 3
+    probabilities[1, 3, :, :8] = 0.9                            # confident LV on the left half only
+    for _ in range(2):                                          # two steps of one epoch
+        component.loss(_controlled_context(trainer, data, gt, unlabeled, probabilities))
+    real = [2 * int((gt == c).sum()) for c in range(4)]
+    lines = trainer.adversarial_voxel_lines()
+    assert lines[0].endswith(f'background {real[0]}/0, RV {real[1]}/0, Myo {real[2]}/0, LV {real[3]}/256')
+    assert 'teacher confidence >= 0.7' in lines[0]
+    assert lines[1].startswith('adv: no unlabeled voxel reached the head(s) background, RV, Myo this epoch')
+    component.loss(_controlled_context(trainer, data, gt, unlabeled, torch.full((2, 4, 16, 16), 0.25)))
+    lines = trainer.adversarial_voxel_lines()                   # the next epoch: counted from zero
+    assert lines[0].endswith(f'background {real[0] // 2}/0, RV {real[1] // 2}/0, Myo {real[2] // 2}/0, '
+                             f'LV {real[3] // 2}/0')
+    assert trainer.head_names() == ['background', 'RV', 'Myo', 'LV']
+    regions = object.__new__(nnUNetTrainerVoxelAdversarial)
+    regions.label_manager = LabelManager({'background': 0, 'whole': (1, 2), 'core': 2}, [1, 2])
+    assert regions.head_names() == ['no region', 'whole', 'core']
+
+
 def test_discriminator_step_changes_only_the_discriminator_and_student_step_only_the_student():
     trainer = _trainer(nnUNetTrainerVoxelAdversarial, ACDC, 2, seed=2)
     optimizer = torch.optim.SGD(trainer.network.parameters(), lr=0.1)

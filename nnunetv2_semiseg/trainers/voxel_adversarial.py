@@ -121,6 +121,46 @@ class nnUNetTrainerVoxelAdversarial(nnUNetTrainerComposed):
     def teacher(self) -> nn.Module:
         return self.consistency.teacher
 
+    # --- what the discriminator heads saw (run log, once per epoch) -----------------------------------------------
+    def head_names(self) -> List[str]:
+        """Name of each discriminator head: the class of each label value (softmax), or 'no region' and the
+        regions in channel order (regions)."""
+        labels = {k: v for k, v in self.label_manager.label_dict.items() if k != 'ignore'}
+        if self.label_manager.has_regions:
+            return ['no region'] + [k for k, v in labels.items() if any(int(x) != 0 for x in
+                                                                          (v if isinstance(v, (list, tuple)) else [v]))]
+        by_value = {int(v): k for k, v in labels.items()}
+        return [by_value.get(c, str(c)) for c in range(num_routing_heads(self.label_manager.num_segmentation_heads,
+                                                                          False))]
+
+    def adversarial_voxel_lines(self) -> List[str]:
+        """The epoch's sampled voxels per head, and which heads got no unlabeled (fake) voxel: the teacher reached
+        the confidence threshold nowhere in those classes, so their discriminator trained on labeled voxels only
+        and L_adv did not act on them (on a small class early in training this is the method's threshold at work,
+        not a fault, but the run should say so). Under DDP the counts are summed over ranks."""
+        counts = self.adversarial.take_voxel_counts()
+        if self.is_ddp:
+            import torch.distributed as dist
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        names = self.head_names()
+        lines = ['adv voxels per discriminator head this epoch (real = labeled ground truth / fake = unlabeled, '
+                 f'teacher confidence >= {self.pseudo_label_threshold:g}): ' +
+                 ', '.join(f'{n} {int(r)}/{int(f)}' for n, r, f in zip(names, counts[0], counts[1]))]
+        no_fake = [n for n, f in zip(names, counts[1]) if int(f) == 0]
+        if no_fake:
+            lines.append(f'adv: no unlabeled voxel reached the head(s) {", ".join(no_fake)} this epoch (no teacher '
+                         f'confidence >= {self.pseudo_label_threshold:g} there): their discriminator trained on '
+                         f'labeled voxels only and L_adv did not act on those classes.')
+        return lines
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self.adversarial is not None:
+            for line in self.adversarial_voxel_lines():
+                self.print_to_log_file(line)
+
     # The discriminator's Adam step runs in VoxelAdversarialAlignment.after_optimizer_step (the composed base calls
     # it after the student's step) and its loss joins the step's terms as 'disc' (after_step_terms).
 

@@ -89,6 +89,8 @@ class VoxelAdversarialAlignment(LossComponent):
         self.discriminator_call: nn.Module = discriminator  # replaced by a DDP wrapper under DDP (wrap_for_ddp)
         self.pending: Optional[Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]] = None
         self.last_discriminator_loss: Optional[torch.Tensor] = None
+        # sampled voxels per head since the last take_voxel_counts(): row 0 real (labeled), row 1 fake (unlabeled)
+        self.voxel_counts: Optional[torch.Tensor] = None
 
     def wrap_for_ddp(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         self.discriminator_call = wrap(self.discriminator)
@@ -106,8 +108,23 @@ class VoxelAdversarialAlignment(LossComponent):
         is_real = rows < context.num_labeled
         return sample_levels(skips, rows, flat, full_shape), classes, is_real
 
+    def count_voxels(self, classes: torch.Tensor, is_real: torch.Tensor) -> None:
+        """Add the step's sampled voxels per head (real, fake) to :attr:`voxel_counts` (kept on the device: no
+        synchronisation per step)."""
+        n = self.routing.num_heads
+        step = torch.stack((torch.bincount(classes[is_real], minlength=n), torch.bincount(classes[~is_real],
+                                                                                         minlength=n)))
+        self.voxel_counts = step if self.voxel_counts is None else self.voxel_counts + step
+
+    def take_voxel_counts(self) -> torch.Tensor:
+        """(2, heads) int64 on the CPU: real / fake voxels per head since the last call; resets the count."""
+        counts = self.voxel_counts
+        self.voxel_counts = None
+        return torch.zeros(2, self.routing.num_heads, dtype=torch.long) if counts is None else counts.cpu()
+
     def loss(self, context: StepContext) -> torch.Tensor:
         levels, classes, is_real = self.sampled_voxels(context)
+        self.count_voxels(classes, is_real)
         self.pending = ([v.detach() for v in levels], classes, is_real)
         fake = ~is_real
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
