@@ -223,7 +223,8 @@ def schedule_env(args) -> Dict[str, str]:
     env = nnunet_env(args.work)
     epochs, iterations, val_iterations = args.schedule_values
     for var in ('nnUNet_semiseg_num_epochs', 'nnUNet_semiseg_iterations_per_epoch',
-                'nnUNet_semiseg_val_iterations_per_epoch', 'nnUNet_semiseg_snapshot_epochs'):
+                'nnUNet_semiseg_val_iterations_per_epoch', 'nnUNet_semiseg_snapshot_epochs',
+                SWITCH_CHECKPOINT_ENV_VAR):
         env.pop(var, None)
     if epochs is not None:
         env.update({'nnUNet_semiseg_num_epochs': str(epochs), 'nnUNet_semiseg_iterations_per_epoch': str(iterations),
@@ -235,7 +236,6 @@ def schedule_env(args) -> Dict[str, str]:
                 'nnUNet_semiseg_skip_final_validation': '1'})
     if args.snapshot_epochs:
         env['nnUNet_semiseg_snapshot_epochs'] = ','.join(str(e) for e in args.snapshot_epochs)
-    env.pop(SWITCH_CHECKPOINT_ENV_VAR, None)
     if getattr(args, 'switch_diagnostic', False):
         env[SWITCH_CHECKPOINT_ENV_VAR] = '1'
     return env

@@ -130,8 +130,7 @@ class nnUNetTrainerVoxelAdversarial(nnUNetTrainerComposed):
             return ['no region'] + [k for k, v in labels.items() if any(int(x) != 0 for x in
                                                                           (v if isinstance(v, (list, tuple)) else [v]))]
         by_value = {int(v): k for k, v in labels.items()}
-        return [by_value.get(c, str(c)) for c in range(num_routing_heads(self.label_manager.num_segmentation_heads,
-                                                                          False))]
+        return [by_value.get(c, str(c)) for c in range(self.label_manager.num_segmentation_heads)]
 
     def adversarial_voxel_lines(self) -> List[str]:
         """The epoch's sampled voxels per head, and which heads got no unlabeled (fake) voxel: the teacher reached
