@@ -241,6 +241,30 @@ def schedule_env(args) -> Dict[str, str]:
     return env
 
 
+RUN_MARKER = 'benchmark_run.json'   # what a model folder's checkpoint was trained with (seed, schedule, draw)
+
+
+def run_identity(args) -> Dict:
+    return {'seed': args.seed, 'schedule': list(args.schedule_values), 'labeled_draw': args.labeled_draw}
+
+
+def trained_with_this_run(args, folder: str) -> bool:
+    """True if ``folder``'s checkpoint_final.pth came from a training with this call's seed, schedule and draw.
+    One model folder serves every seed and schedule of a work folder, so selftrain must not take a teacher that
+    another seed (or the 1000-iteration schedule) left there."""
+    marker = os.path.join(folder, RUN_MARKER)
+    if not (os.path.isfile(os.path.join(folder, 'checkpoint_final.pth')) and os.path.isfile(marker)):
+        return False
+    with open(marker) as f:
+        return json.load(f) == run_identity(args)
+
+
+def write_json_atomically(path: str, content) -> None:
+    with open(path + '.tmp', 'w') as f:
+        json.dump(content, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
 def model_folder(args, dataset_id: int, trainer: str) -> str:
     env = nnunet_env(args.work)
     return os.path.join(env['nnUNet_results'], dataset_name(dataset_id, env['nnUNet_raw']),
@@ -258,6 +282,7 @@ def train(args, dataset_id: int, trainer: str, tag: str) -> Dict:
     wall = time.time() - started
     if not os.path.isfile(os.path.join(folder, 'checkpoint_final.pth')):
         raise RuntimeError(f'training finished without {folder}/checkpoint_final.pth')
+    write_json_atomically(os.path.join(folder, RUN_MARKER), run_identity(args))
     epoch_times = []
     for log_file in sorted(glob.glob(os.path.join(folder, 'training_log_*.txt'))):
         with open(log_file) as f:
@@ -313,9 +338,10 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
         row.update(trainer=trainer, dataset=os.path.basename(raw[arm]))
         row.update(train(args, dataset_id, trainer, method))
     elif method == 'selftrain':
-        teacher_ckpt = os.path.join(model_folder(args, ids['a'], SUPERVISED_TRAINER), 'checkpoint_final.pth')
-        if not os.path.isfile(teacher_ckpt) or 'supervised_a' not in results['methods']:
-            log(args, 'selftrain needs the supervised_a model: running supervised_a first')
+        if (not trained_with_this_run(args, model_folder(args, ids['a'], SUPERVISED_TRAINER))
+                or 'supervised_a' not in results['methods']):
+            log(args, 'selftrain needs the supervised_a model of this seed, schedule and draw: running supervised_a '
+                      'first')
             merge_row(args, results, run_method(args, 'supervised_a', ids, raw, results))
         union_raw = pseudolabel(args, ids)
         raw['self'] = union_raw

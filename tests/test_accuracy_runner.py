@@ -192,3 +192,49 @@ def test_acdc_upper_bound_trains_with_the_labeled_sets_batch(tmp_path):
         plans = json.loads(plans_b.read_text())['configurations']['2d']
         assert plans == {'batch_size': 3, 'patch_size': [128, 112]}
         assert args.extra_settings['upper_bound_batch'] == {'planned': 43, 'used': 3}
+
+
+def test_selftrain_retrains_its_teacher_unless_the_checkpoint_is_this_seed_schedule_and_draw(tmp_path, monkeypatch):
+    """One supervised_a model folder serves every seed and schedule of a work folder: selftrain must train its own
+    teacher when the checkpoint there came from another seed, schedule or draw (or carries no record)."""
+    from types import SimpleNamespace
+    folder = tmp_path / 'model'
+    folder.mkdir()
+    (folder / 'checkpoint_final.pth').write_bytes(b'x')
+    args = SimpleNamespace(seed=2, schedule_values=(15, 20, 2), labeled_draw=0, labeled_ids=[], device='cpu',
+                           num_workers=0, disable_tta=False, switch_diagnostic=False, snapshot_epochs=None,
+                           work=str(tmp_path), _pseudolabel_s=1.0, spec=SimpleNamespace(prefix='test'))
+    trained = []
+
+    def fake_train(a, dataset_id, trainer, tag):
+        trained.append(tag)
+        if tag == 'supervised_a':
+            accuracy_common.write_json_atomically(str(folder / accuracy_common.RUN_MARKER),
+                                                  accuracy_common.run_identity(a))
+        return {'train_wall_s': 5.0, 's_per_iteration': 0.1}
+
+    monkeypatch.setattr(accuracy_common, 'model_folder', lambda a, i, t: str(folder))
+    monkeypatch.setattr(accuracy_common, 'train', fake_train)
+    monkeypatch.setattr(accuracy_common, 'pseudolabel', lambda a, ids: str(tmp_path / 'union'))
+    monkeypatch.setattr(accuracy_common, 'plan_and_preprocess', lambda *a, **k: None)
+    monkeypatch.setattr(accuracy_common, 'merge_row', lambda a, results, row: results['methods'].update(
+        {row['method']: row}))
+    monkeypatch.setattr(accuracy_common, 'predict_and_evaluate', lambda *a, **k: {
+        'metrics': {'dice': 0.5, 'jaccard': 0.4, 'hd95_voxel': 1.0, 'asd_voxel': 1.0}})
+    ids, raw = {'a': 1, 'self': 2}, {'a': str(tmp_path / 'a')}
+
+    def run_selftrain():
+        trained.clear()
+        results = {'methods': {'supervised_a': {'train_wall_s': 7.0}}}
+        accuracy_common.run_method(args, 'selftrain', ids, dict(raw), results)
+        return list(trained)
+
+    assert run_selftrain() == ['supervised_a', 'selftrain']      # checkpoint without a record: not trusted
+    assert run_selftrain() == ['selftrain']                      # now recorded for seed 2, 300 iterations
+    args.seed = 12345
+    assert run_selftrain() == ['supervised_a', 'selftrain']      # another seed's teacher
+    args.schedule_values = (50, 20, 2)
+    assert run_selftrain() == ['supervised_a', 'selftrain']      # the 1000-iteration teacher
+    args.labeled_draw = 1
+    assert run_selftrain() == ['supervised_a', 'selftrain']      # another label draw
+    assert run_selftrain() == ['selftrain']
