@@ -238,3 +238,33 @@ def test_selftrain_retrains_its_teacher_unless_the_checkpoint_is_this_seed_sched
     args.labeled_draw = 1
     assert run_selftrain() == ['supervised_a', 'selftrain']      # another label draw
     assert run_selftrain() == ['selftrain']
+
+
+def test_a_retrained_teacher_leaves_the_supervised_a_row_and_is_reported_in_the_selftrain_row(tmp_path, monkeypatch):
+    """supervised_a is the reference of every comparison: the teacher selftrain retrains (a CPU rerun of the same seed
+    is not bit-identical) must not replace it; its scores go into the selftrain row and the table's footnote."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(seed=2, schedule_values=(15, 20, 2), labeled_draw=0, labeled_ids=[], device='cpu',
+                           num_workers=0, disable_tta=False, switch_diagnostic=False, snapshot_epochs=None,
+                           work=str(tmp_path), _pseudolabel_s=60.0, spec=SimpleNamespace(prefix='test'))
+    scores = {'supervised_a': 0.35, 'selftrain': 0.41}
+    monkeypatch.setattr(accuracy_common, 'model_folder', lambda a, i, t: str(tmp_path))   # no record: retrain
+    monkeypatch.setattr(accuracy_common, 'train', lambda a, i, t, tag: {'train_wall_s': {'supervised_a': 120.0}
+                                                                        .get(tag, 300.0), 's_per_iteration': 0.1})
+    monkeypatch.setattr(accuracy_common, 'pseudolabel', lambda a, ids: str(tmp_path / 'union'))
+    monkeypatch.setattr(accuracy_common, 'plan_and_preprocess', lambda *a, **k: None)
+    merged = []
+    monkeypatch.setattr(accuracy_common, 'merge_row', lambda a, results, row: merged.append(row['method']))
+    monkeypatch.setattr(accuracy_common, 'predict_and_evaluate', lambda a, i, t, r, tag: {
+        'metrics': {'dice': scores[tag], 'jaccard': 0.3, 'hd95_voxel': 1.0, 'asd_voxel': 1.0},
+        'per_case_dice': {'v1': scores[tag]}})
+    earlier = {'method': 'supervised_a', 'train_wall_s': 200.0, 'metrics': {'dice': 0.33}}
+    results = {'methods': {'supervised_a': dict(earlier)}}
+    row = accuracy_common.run_method(args, 'selftrain', {'a': 1, 'self': 2}, {'a': str(tmp_path)}, results)
+    assert merged == [] and results['methods']['supervised_a'] == earlier
+    assert row['teacher_run']['metrics']['dice'] == 0.35 and row['teacher_run']['per_case_dice'] == {'v1': 0.35}
+    assert row['teacher_train_wall_s'] == 120.0 and row['metrics']['dice'] == 0.41
+    assert 'Dice 35.00 %' in accuracy_common.teacher_rerun_note(row)
+    # without an earlier row the teacher becomes the supervised_a row, as before
+    row = accuracy_common.run_method(args, 'selftrain', {'a': 1, 'self': 2}, {'a': str(tmp_path)}, {'methods': {}})
+    assert merged == ['supervised_a'] and 'teacher_run' not in row
