@@ -476,6 +476,9 @@ def merge_row(args, results: Dict, row: Dict) -> None:
     with open(os.path.join(args.work, 'results.lock'), 'w') as lock:  # parallel calls share --work
         fcntl.flock(lock, fcntl.LOCK_EX)
         fresh = load_results(args.results)
+        previous = fresh['methods'].get(row['method'])
+        if previous is not None:
+            row['earlier_runs'] = earlier_runs(previous)
         fresh['methods'][row['method']] = row
         fresh['settings'] = settings(args)
         tmp = args.results + '.tmp'
@@ -486,6 +489,23 @@ def merge_row(args, results: Dict, row: Dict) -> None:
         results.update(fresh)
         render(args, results)
         render_summary(args)
+
+
+def earlier_runs(previous: Dict) -> List[Dict]:
+    """The replaced row's scores, kept: a rerun of a method (e.g. with a diagnostic on) is not bit-identical on a
+    CPU at the same seed, and the spread between the runs is the honest size of that noise."""
+    kept = {k: previous[k] for k in ('date', 'metrics', 'per_case_dice', 'train_wall_s') if k in previous}
+    return previous.get('earlier_runs', []) + [kept]
+
+
+def earlier_runs_note(rows: Dict, order: Sequence[str]) -> str:
+    reruns = [(name, rows[name]['earlier_runs']) for name in order if rows[name].get('earlier_runs')]
+    if not reruns:
+        return ''
+    return ('Reruns (same seed, schedule and draw; the table shows the latest run, the difference is CPU '
+            'run-to-run variation): ' + '; '.join(
+                f'`{name}` earlier ' + ', '.join(f'{fmt(e["metrics"]["dice"], 2, 100)} % ({e["date"]})' for e in runs)
+                for name, runs in reruns) + '.')
 
 
 def summary_figure_path(args) -> str:
@@ -598,6 +618,7 @@ def render(args, results: Dict) -> None:
                      'their hidden labels): ' + '; '.join(
                          f'`{name}` step {d["step"]}: Dice {fmt(d["metrics"]["dice"], 2, 100)} % '
                          f'({d["num_cases"]} cases)' for name, d in switch) + '.')
+    extra += [note for note in [earlier_runs_note(rows, order)] if note]
     extra += results.get('notes', [])
     for paragraph in extra:
         lines += ['', paragraph]

@@ -268,3 +268,31 @@ def test_a_retrained_teacher_leaves_the_supervised_a_row_and_is_reported_in_the_
     # without an earlier row the teacher becomes the supervised_a row, as before
     row = accuracy_common.run_method(args, 'selftrain', {'a': 1, 'self': 2}, {'a': str(tmp_path)}, {'methods': {}})
     assert merged == ['supervised_a'] and 'teacher_run' not in row
+
+
+def test_a_rerun_replaces_the_row_and_keeps_the_earlier_runs_scores(tmp_path, monkeypatch):
+    """A method run again (e.g. BCP with the switch diagnostic) shows its latest run; the replaced runs' scores stay
+    in the row and under the table, so the CPU's run-to-run spread is visible instead of silently overwritten."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(accuracy_common, 'render', lambda a, r: None)
+    monkeypatch.setattr(accuracy_common, 'render_summary', lambda a: None)
+    monkeypatch.setattr(accuracy_common, 'settings', lambda a: {'seed': 12345})
+    args = SimpleNamespace(results=str(tmp_path / 'results' / 'r.json'), work=str(tmp_path))
+
+    def run(dice, date):
+        return {'method': 'nnUNetTrainerBCP', 'date': date, 'metrics': {'dice': dice}, 'per_case_dice': {'c1': dice},
+                'train_wall_s': 10.0, 'teacher_at_switch': {'step': 35}}
+
+    results = {'methods': {}}
+    accuracy_common.merge_row(args, results, run(0.70, 'd1'))
+    assert 'earlier_runs' not in results['methods']['nnUNetTrainerBCP']
+    accuracy_common.merge_row(args, results, run(0.72, 'd2'))
+    accuracy_common.merge_row(args, results, run(0.68, 'd3'))
+    with open(args.results) as f:
+        row = json.load(f)['methods']['nnUNetTrainerBCP']
+    assert row['metrics']['dice'] == 0.68 and row['date'] == 'd3'
+    assert [e['metrics']['dice'] for e in row['earlier_runs']] == [0.70, 0.72]
+    assert row['earlier_runs'][0] == {'date': 'd1', 'metrics': {'dice': 0.70}, 'per_case_dice': {'c1': 0.70},
+                                      'train_wall_s': 10.0}
+    note = accuracy_common.earlier_runs_note({'nnUNetTrainerBCP': row}, ['nnUNetTrainerBCP'])
+    assert '`nnUNetTrainerBCP` earlier 70.00 % (d1), 72.00 % (d2)' in note
