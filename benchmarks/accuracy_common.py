@@ -383,7 +383,7 @@ def teacher_rerun_note(selftrain: Dict) -> str:
         return ''
     return (f' Its teacher was a rerun of supervised_a with the same seed and schedule ({teacher["date"]}): Dice '
             f'{teacher["metrics"]["dice"] * 100:.2f} % (the supervised_a row above is the earlier run; the difference '
-            f'is CPU run-to-run variation at a fixed seed).')
+            f'is run-to-run variation or a code change between the two dates).')
 
 
 def teacher_at_switch(args, ids: Dict[str, int], raw: Dict[str, str], trainer: str, method: str) -> Optional[Dict]:
@@ -502,8 +502,8 @@ def earlier_runs_note(rows: Dict, order: Sequence[str]) -> str:
     reruns = [(name, rows[name]['earlier_runs']) for name in order if rows[name].get('earlier_runs')]
     if not reruns:
         return ''
-    return ('Reruns (same seed, schedule and draw; the table shows the latest run, the difference is CPU '
-            'run-to-run variation): ' + '; '.join(
+    return ('Reruns (same seed, schedule and draw; the table shows the latest run; the difference is '
+            'run-to-run variation or a code change between the dates): ' + '; '.join(
                 f'`{name}` earlier ' + ', '.join(f'{fmt(e["metrics"]["dice"], 2, 100)} % ({e["date"]})' for e in runs)
                 for name, runs in reruns) + '.')
 
