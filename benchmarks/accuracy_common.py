@@ -344,12 +344,11 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
                       'first')
             teacher = run_method(args, 'supervised_a', ids, raw, results)
             if 'supervised_a' in results['methods']:
-                # A CPU rerun of the same seed does not reproduce the earlier run bit for bit; the earlier row stays
+                # A rerun need not reproduce the earlier row (the code may have changed since); the earlier row stays
                 # the reference every other row was compared against, and the teacher's own scores go here.
                 log(args, 'supervised_a keeps its earlier row (the reference of every comparison); the retrained '
                           'teacher\'s scores are stored in the selftrain row as teacher_run')
-                row['teacher_run'] = {k: teacher[k] for k in ('date', 'metrics', 'per_case_dice', 'train_wall_s')
-                                      if k in teacher}
+                row['teacher_run'] = run_scores(teacher)
             else:
                 merge_row(args, results, teacher)
         union_raw = pseudolabel(args, ids)
@@ -491,11 +490,15 @@ def merge_row(args, results: Dict, row: Dict) -> None:
         render_summary(args)
 
 
+def run_scores(row: Dict) -> Dict:
+    """What a superseded run keeps of its row: when it ran, its scores and its training time."""
+    return {k: row[k] for k in ('date', 'metrics', 'per_case_dice', 'train_wall_s') if k in row}
+
+
 def earlier_runs(previous: Dict) -> List[Dict]:
-    """The replaced row's scores, kept: a rerun of a method (e.g. with a diagnostic on) is not bit-identical on a
-    CPU at the same seed, and the spread between the runs is the honest size of that noise."""
-    kept = {k: previous[k] for k in ('date', 'metrics', 'per_case_dice', 'train_wall_s') if k in previous}
-    return previous.get('earlier_runs', []) + [kept]
+    """The replaced row's scores, kept: a rerun of a method (e.g. with a diagnostic on) need not reproduce the
+    earlier run (run-to-run variation, or code changed since), and the difference should stay visible."""
+    return previous.get('earlier_runs', []) + [run_scores(previous)]
 
 
 def earlier_runs_note(rows: Dict, order: Sequence[str]) -> str:
