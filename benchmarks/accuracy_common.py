@@ -353,7 +353,7 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
                 merge_row(args, results, teacher)
         union_raw = pseudolabel(args, ids)
         raw['self'] = union_raw
-        plan_and_preprocess(args, ids['self'], with_unlabeled=False)
+        plan_and_preprocess(args, ids['self'], with_unlabeled=False, ids=ids, arm='self')
         dataset_id, trainer = ids['self'], SUPERVISED_TRAINER
         teacher_wall = row.get('teacher_run', results['methods'].get('supervised_a', {})).get('train_wall_s')
         row.update(trainer=trainer, dataset=os.path.basename(union_raw), teacher='supervised_a',

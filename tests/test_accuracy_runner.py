@@ -171,27 +171,35 @@ def _check_teacher_at_switch(work, results):
     assert "Teacher at BCP's phase switch" in text and '`nnUNetTrainerBCP` step 0' in text
 
 
-def test_acdc_upper_bound_trains_with_the_labeled_sets_batch(tmp_path):
-    """nnU-Net plans the 50-patient set with a far larger 2d batch than the 3-patient set (its batch is capped at 5 %
-    of the dataset's voxels): the upper bound takes (a)'s batch, and the planned value is kept on record."""
+def test_acdc_upper_bound_and_selftrain_student_train_with_the_labeled_sets_batch(tmp_path):
+    """nnU-Net plans a 50-patient set with a far larger 2d batch than the 3-patient set (its batch is capped at 5 %
+    of the dataset's voxels): the upper bound and the self-training student (3 labeled + 47 pseudo-labelled) take
+    (a)'s batch, and the planned value is kept on record."""
     import argparse
     import accuracy_acdc
-    for dataset_id, name, batch in ((981, 'ACDCx2_L3', 3), (984, 'ACDCx2_L50', 43)):
+    for dataset_id, name, batch in ((981, 'ACDCx2_L3', 3), (984, 'ACDCx2_L50', 43), (985, 'ACDCx2_L3PL', 41)):
         os.makedirs(tmp_path / 'nnUNet_raw' / f'Dataset{dataset_id}_{name}')
         pre = tmp_path / 'nnUNet_preprocessed' / f'Dataset{dataset_id}_{name}'
         os.makedirs(pre)
         (pre / 'nnUNetPlans.json').write_text(json.dumps(
             {'configurations': {'2d': {'batch_size': batch, 'patch_size': [128, 112]}}}))
     args = argparse.Namespace(work=str(tmp_path), spec=accuracy_acdc.ACDC, extra_settings={})
-    ids = {'a': 981, 'b': 984}
-    accuracy_acdc.upper_bound_with_the_labeled_batch(args, ids, 'a')   # (a) is left as planned
+    ids = {'a': 981, 'b': 984, 'self': 985}
+    accuracy_acdc.train_with_the_labeled_batch(args, ids, 'a')   # (a) is left as planned
+    plans_a = tmp_path / 'nnUNet_preprocessed' / 'Dataset981_ACDCx2_L3' / 'nnUNetPlans.json'
+    assert json.loads(plans_a.read_text())['configurations']['2d']['batch_size'] == 3
     plans_b = tmp_path / 'nnUNet_preprocessed' / 'Dataset984_ACDCx2_L50' / 'nnUNetPlans.json'
     assert json.loads(plans_b.read_text())['configurations']['2d']['batch_size'] == 43
     for _ in range(2):  # a reused dataset keeps (and reports) what was changed when it was built
-        accuracy_acdc.upper_bound_with_the_labeled_batch(args, ids, 'b')
+        accuracy_acdc.train_with_the_labeled_batch(args, ids, 'b')
         plans = json.loads(plans_b.read_text())['configurations']['2d']
         assert plans == {'batch_size': 3, 'patch_size': [128, 112]}
         assert args.extra_settings['upper_bound_batch'] == {'planned': 43, 'used': 3}
+    assert 'selftrain_batch' not in args.extra_settings
+    accuracy_acdc.train_with_the_labeled_batch(args, ids, 'self')
+    plans_self = tmp_path / 'nnUNet_preprocessed' / 'Dataset985_ACDCx2_L3PL' / 'nnUNetPlans.json'
+    assert json.loads(plans_self.read_text())['configurations']['2d'] == {'batch_size': 3, 'patch_size': [128, 112]}
+    assert args.extra_settings['selftrain_batch'] == {'planned': 41, 'used': 3}
 
 
 def test_selftrain_retrains_its_teacher_unless_the_checkpoint_is_this_seed_schedule_and_draw(tmp_path, monkeypatch):
@@ -216,7 +224,9 @@ def test_selftrain_retrains_its_teacher_unless_the_checkpoint_is_this_seed_sched
     monkeypatch.setattr(accuracy_common, 'model_folder', lambda a, i, t: str(folder))
     monkeypatch.setattr(accuracy_common, 'train', fake_train)
     monkeypatch.setattr(accuracy_common, 'pseudolabel', lambda a, ids: str(tmp_path / 'union'))
-    monkeypatch.setattr(accuracy_common, 'plan_and_preprocess', lambda *a, **k: None)
+    planned = []   # the union is planned as arm 'self', so a dataset can adjust its plans (ACDC: (a)'s batch)
+    monkeypatch.setattr(accuracy_common, 'plan_and_preprocess', lambda a, dataset_id, **k: planned.append(
+        (dataset_id, k.get('arm'))))
     monkeypatch.setattr(accuracy_common, 'merge_row', lambda a, results, row: results['methods'].update(
         {row['method']: row}))
     monkeypatch.setattr(accuracy_common, 'predict_and_evaluate', lambda *a, **k: {
@@ -230,6 +240,7 @@ def test_selftrain_retrains_its_teacher_unless_the_checkpoint_is_this_seed_sched
         return list(trained)
 
     assert run_selftrain() == ['supervised_a', 'selftrain']      # checkpoint without a record: not trusted
+    assert planned == [(2, 'self')]
     assert run_selftrain() == ['selftrain']                      # now recorded for seed 2, 300 iterations
     args.seed = 12345
     assert run_selftrain() == ['supervised_a', 'selftrain']      # another seed's teacher
