@@ -290,7 +290,9 @@ def train(args, dataset_id: int, trainer: str, tag: str) -> Dict:
     num_epochs = len(epoch_times)
     iterations = trainer_iterations(args, folder)
     median_epoch = statistics.median(epoch_times) if epoch_times else float('nan')
-    return {'train_wall_s': wall, 'load_avg_1min': [load_before, os.getloadavg()[0]], 'epochs': num_epochs,
+    with open(plans_file(args, dataset_id)) as f:  # per row: a later run's settings would not keep it (ACDC adjusts it)
+        batch = json.load(f)['configurations'][args.spec.configuration]['batch_size']
+    return {'train_wall_s': wall, 'batch_size': batch, 'load_avg_1min': [load_before, os.getloadavg()[0]], 'epochs': num_epochs,
             'iterations_per_epoch': iterations, 'median_epoch_s': median_epoch,
             's_per_iteration': median_epoch / iterations if iterations else None}
 
@@ -606,7 +608,8 @@ def render(args, results: Dict) -> None:
     lines += ['', f'Machine: {"; ".join(machines) or "n/a (nothing measured yet)"}. ' + spec.table_footer(s)]
     extra = [f'`selftrain`: teacher = the `supervised_a` model ({rows["selftrain"]["teacher_train_wall_s"] / 60:.1f} '
              f'min), pseudo-labelling {rows["selftrain"]["pseudolabel_s"] / 60:.1f} min, plus planning the union; '
-             f'train wall is the student only.' + teacher_rerun_note(rows['selftrain'])] if 'selftrain' in rows else []
+             f'train wall is the student only' + (f' (batch {rows["selftrain"]["batch_size"]})'
+                                                  if 'batch_size' in rows['selftrain'] else '') + '.' + teacher_rerun_note(rows['selftrain'])] if 'selftrain' in rows else []
     missing = [m for m in spec.default_methods if m not in rows]
     if missing:
         labeled_flag = f' --labeled {s["labeled"]}' if s['labeled'] != spec.default_labeled else ''

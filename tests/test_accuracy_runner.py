@@ -136,6 +136,7 @@ def test_acdc_smoke_run_scores_per_volume_and_class(tmp_path):
     assert row['metrics']['dice'] == pytest.approx(np.mean([row['per_class'][k]['dice'] for k in row['per_class']]))
     plans = json.loads(next((work / 'nnUNet_preprocessed').glob('Dataset988_*/nnUNetPlans.json')).read_text())
     assert '2d' in plans['configurations']
+    assert row['batch_size'] == plans['configurations']['2d']['batch_size']   # what the training used, per row
     text = (work / 'benchmarks_smoke.md').read_text()
     assert '| Dice % RV / MYO / LV |' in text and '<!-- accuracy_acdc:cpu:smoke:begin -->' in text
     _check_teacher_at_switch(work, results)
