@@ -292,8 +292,8 @@ def train(args, dataset_id: int, trainer: str, tag: str) -> Dict:
     median_epoch = statistics.median(epoch_times) if epoch_times else float('nan')
     with open(plans_file(args, dataset_id)) as f:  # per row: a later run's settings would not keep it (ACDC adjusts it)
         batch = json.load(f)['configurations'][args.spec.configuration]['batch_size']
-    return {'train_wall_s': wall, 'batch_size': batch, 'load_avg_1min': [load_before, os.getloadavg()[0]], 'epochs': num_epochs,
-            'iterations_per_epoch': iterations, 'median_epoch_s': median_epoch,
+    return {'train_wall_s': wall, 'batch_size': batch, 'load_avg_1min': [load_before, os.getloadavg()[0]],
+            'epochs': num_epochs, 'iterations_per_epoch': iterations, 'median_epoch_s': median_epoch,
             's_per_iteration': median_epoch / iterations if iterations else None}
 
 
@@ -376,6 +376,13 @@ def run_method(args, method: str, ids: Dict[str, int], raw: Dict[str, str], resu
     log(args, f'{method}: Dice {m["dice"]:.4f}, Jaccard {m["jaccard"]:.4f}, 95HD {m["hd95_voxel"]:.2f} vox, '
               f'ASD {m["asd_voxel"]:.2f} vox, train {row["train_wall_s"]:.0f} s, {row["s_per_iteration"]:.3f} s/it')
     return row
+
+
+def selftrain_note(selftrain: Dict) -> str:
+    batch = f' (batch {selftrain["batch_size"]})' if 'batch_size' in selftrain else ''  # rows before 2026-12-04 lack it
+    return (f'`selftrain`: teacher = the `supervised_a` model ({selftrain["teacher_train_wall_s"] / 60:.1f} min), '
+            f'pseudo-labelling {selftrain["pseudolabel_s"] / 60:.1f} min, plus planning the union; train wall is the '
+            f'student only{batch}.' + teacher_rerun_note(selftrain))
 
 
 def teacher_rerun_note(selftrain: Dict) -> str:
@@ -606,10 +613,7 @@ def render(args, results: Dict) -> None:
                        f', torch {r["machine"]["torch"]}, nnunetv2 {r["machine"].get("nnunetv2", "?")}'
                        for r in rows.values()})
     lines += ['', f'Machine: {"; ".join(machines) or "n/a (nothing measured yet)"}. ' + spec.table_footer(s)]
-    extra = [f'`selftrain`: teacher = the `supervised_a` model ({rows["selftrain"]["teacher_train_wall_s"] / 60:.1f} '
-             f'min), pseudo-labelling {rows["selftrain"]["pseudolabel_s"] / 60:.1f} min, plus planning the union; '
-             f'train wall is the student only' + (f' (batch {rows["selftrain"]["batch_size"]})'
-                                                  if 'batch_size' in rows['selftrain'] else '') + '.' + teacher_rerun_note(rows['selftrain'])] if 'selftrain' in rows else []
+    extra = [selftrain_note(rows['selftrain'])] if 'selftrain' in rows else []
     missing = [m for m in spec.default_methods if m not in rows]
     if missing:
         labeled_flag = f' --labeled {s["labeled"]}' if s['labeled'] != spec.default_labeled else ''
